@@ -1,0 +1,1 @@
+"""Meta LLaMA checkpoint -> GGUF conversion: reading, merging, tokenizer, quantization, writing."""

@@ -1,0 +1,135 @@
+"""Sample checkpoints in Meta's download layout, built locally (no weights downloaded).
+
+For users without Meta's weights (to try the whole pipeline), for tests and for benchmarks:
+random weights with the right shapes, split into model-parallel shards the way Meta split them,
+written in torch's zip format without torch, with params.json, checklist.chk and a
+sentencepiece tokenizer trained on text from Python's own standard library. The model talks
+nonsense, but every file is exactly what a real download looks like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.params import ModelParams
+from convert.tensor_names import GLOBAL_TENSORS, LAYER_TENSORS, meta_names
+from convert.torch_save import save_state_dict
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """A model to build. Defaults: a few-MB LLaMA-1-style model that converts in a second."""
+
+    params: ModelParams = ModelParams(dim=256, n_layers=4, n_heads=4, vocab_size=-1, multiple_of=256,
+                                      norm_eps=1e-6)
+    n_shards: int = 1
+    dtype: str = "f16"  # what the checkpoint stores: f16 (LLaMA-1/2), bf16, f32
+    vocab_size: int = 512  # pieces of the trained tokenizer (ignored when a tokenizer is given)
+    seed: int = 0
+    rope_freqs: bool = True  # LLaMA-1 checkpoints carry rope.freqs, which converters skip
+
+
+def _corpus() -> list[str]:
+    """Deterministic English-ish text from the standard library's own sources and docstrings."""
+    import argparse
+    import collections
+    import json as json_mod
+    import logging
+    import pathlib
+    import textwrap
+
+    lines: list[str] = []
+    for mod in (argparse, collections, json_mod, logging, pathlib, textwrap, inspect):
+        lines += [ln.strip() for ln in inspect.getsource(mod).splitlines() if ln.strip()]
+    return lines
+
+
+def train_tokenizer(vocab_size: int = 512) -> bytes:
+    """A LLaMA-style sentencepiece BPE model (byte fallback, split digits, identity normalisation)."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        num_threads=1, max_sentence_length=100000,
+    )
+    return out.getvalue()
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checklist(folder: Path, names: list[str], listing: str) -> None:
+    (folder / listing).write_text("".join(f"{_md5(folder / n)}  {n}\n" for n in names))
+
+
+def _shard(meta_name: str, w: np.ndarray, n_shards: int) -> list[np.ndarray]:
+    rule = GLOBAL_TENSORS.get(meta_name) or LAYER_TENSORS[meta_name.split(".", 2)[2]]
+    if rule.split_dim is None or w.ndim == 1:
+        return [w] * n_shards
+    return np.split(w, n_shards, axis=rule.split_dim)
+
+
+def random_weights(p: ModelParams, n_vocab: int, seed: int):
+    """(meta_name, float32 array) in Meta's order: small normal weights, norms near 1."""
+    rng = np.random.default_rng(seed)
+    from convert.convert import expected_shapes
+
+    shapes = expected_shapes(p, n_vocab)
+    for name in meta_names(p.n_layers):
+        shape = shapes[name]
+        if len(shape) == 1:
+            yield name, (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
+        else:
+            yield name, rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+
+def build_sample(target: Path, name: str = "sample", spec: SampleSpec = SampleSpec(),
+                 tokenizer: Path | None = None) -> Path:
+    """Write TARGET/tokenizer.model, TARGET/tokenizer_checklist.chk and TARGET/NAME/{consolidated.NN.pth,
+    params.json, checklist.chk}. Returns TARGET/NAME.
+    """
+    target = Path(target)
+    model_dir = target / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tok = target / "tokenizer.model"
+    tok.write_bytes(Path(tokenizer).read_bytes() if tokenizer else train_tokenizer(spec.vocab_size))
+    _write_checklist(target, ["tokenizer.model"], "tokenizer_checklist.chk")
+
+    import sentencepiece as spm
+
+    n_vocab = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
+    p = spec.params
+    shards: list[dict[str, np.ndarray]] = [{} for _ in range(spec.n_shards)]
+    for meta_name, w in random_weights(p, n_vocab, spec.seed):
+        for i, part in enumerate(_shard(meta_name, w, spec.n_shards)):
+            shards[i][meta_name] = part
+    if spec.rope_freqs:
+        freqs = 1.0 / (10000.0 ** (np.arange(0, p.head_dim, 2, dtype=np.float32) / p.head_dim))
+        for s in shards:
+            s["rope.freqs"] = freqs
+    files = []
+    for i, sd in enumerate(shards):
+        f = model_dir / f"consolidated.{i:02d}.pth"
+        save_state_dict(f, sd, dtype=spec.dtype)
+        files.append(f.name)
+    sd = None
+    shards.clear()
+    params = {k: v for k, v in asdict(p).items() if v is not None}
+    (model_dir / "params.json").write_text(json.dumps(params))
+    _write_checklist(model_dir, files + ["params.json"], "checklist.chk")
+    return model_dir

@@ -1,0 +1,3 @@
+from llamalocal.cli import main
+
+main()

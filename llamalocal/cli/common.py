@@ -1,0 +1,114 @@
+"""Options and parameter types shared by several commands."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' -> 25769803776, '8GB' -> 8000000000, '512MiB', '1.5G'. Raises ValueError."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 24GiB, 8GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class GpuLayersType(click.ParamType):
+    """--n-gpu-layers: a number, 'auto' (plan it) or 'all'."""
+
+    name = "N|auto|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int):
+            return value
+        v = str(value).strip().lower()
+        if v in ("auto", "all"):
+            return v
+        try:
+            n = int(v)
+        except ValueError:
+            self.fail(f"{value!r} is not a number, 'auto' or 'all'", param, ctx)
+        if n < 0:
+            self.fail("must be 0 or more", param, ctx)
+        return n
+
+
+SIZE = SizeType()
+GPU_LAYERS = GpuLayersType()
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("LLAMALOCAL_MODELS") or ".")
+
+
+def models_dir_option(f: Callable) -> Callable:
+    return click.option(
+        "--models-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Where model names are looked up. Default: $LLAMALOCAL_MODELS, else the current directory.",
+    )(f)
+
+
+def ctx_option(f: Callable) -> Callable:
+    return click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
+                        help="Context length in tokens. Default: the model's own (capped at 4096 to save memory).")(f)
+
+
+def threads_option(f: Callable) -> Callable:
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads. Default: the number of physical cores.")(f)
+
+
+def gpu_layers_option(f: Callable) -> Callable:
+    return click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=GPU_LAYERS, default="auto", show_default=True,
+                        help="Layers to offload to the GPU: a number (honoured exactly, or refused if it "
+                             "cannot fit), 'auto' (the largest that fits) or 'all'.")(f)
+
+
+def force_option(f: Callable) -> Callable:
+    return click.option("--force", is_flag=True, help="Proceed even when the plan says it will not fit.")(f)
+
+
+def sampling_options(f: Callable) -> Callable:
+    """--temp --top-p --top-k --repeat-penalty --seed, with llama.cpp's defaults."""
+    for opt in reversed([
+        click.option("--temp", type=click.FloatRange(min=0.0), default=0.8, show_default=True,
+                     help="Sampling temperature; 0 is greedy and deterministic."),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.1, show_default=True),
+        click.option("--seed", type=int, default=-1, show_default=True, help="-1 picks a random seed."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)

@@ -1,0 +1,287 @@
+"""What a model needs, read from its GGUF header only: shapes, and bytes per layer.
+
+The planner works from a `ModelDesc`. `read_model_desc` fills one from a real file without
+touching tensor data (gguf-py's reader memory-maps the file; only the header pages are read).
+`reference_model` builds one for the real LLaMA sizes at a preset, from the per-tensor types
+llama.cpp's quantizer would choose (convert.presets.tensor_type) — no file needed, which is what
+`requirements` and the planner tests use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalocal.errors import GGUFError, ModelNotFoundError
+
+GGUF_MAGIC = b"GGUF"
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass
+class ModelDesc:
+    """Shapes and byte counts of one model. Byte counts are the tensors' sizes in the file."""
+
+    name: str
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    file_type: str                      # "q4_0", "f16", ... (the preset, from general.file_type)
+    file_bytes: int                     # the whole file (header included); 0 for reference models
+    layer_bytes: list[int]              # blk.N.* tensors, per layer
+    token_embd_bytes: int               # always stays on the CPU in llama.cpp
+    output_bytes: int                   # output.weight + output_norm.weight: "the output layer"
+    other_bytes: int                    # anything else (rope_freqs, ...)
+    tensor_type_bytes: dict[str, int]   # ggml type name -> bytes of tensors of that type
+    n_params: int
+    # per layer, ggml type name -> bytes: which tensors the CPU backend may repack
+    layer_type_bytes: list[dict[str, int]] = field(default_factory=list)
+    output_type: str = ""               # ggml type of output.weight ("" when tied to token_embd)
+    token_embd_type: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.token_embd_bytes + self.output_bytes + self.other_bytes
+
+    @property
+    def size_label(self) -> str:
+        """'7B', '13B', ... from the parameter count, as Meta names its sizes."""
+        b = self.n_params / 1e9
+        return f"{b:.0f}B" if b >= 1 else f"{self.n_params / 1e6:.0f}M"
+
+
+# ---------------------------------------------------------------------------------------------
+# from a GGUF file
+# ---------------------------------------------------------------------------------------------
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _type_name(t) -> str:
+    return t.name.lower()
+
+
+def read_model_desc(path: str | Path) -> ModelDesc:
+    """Describe the model in a GGUF file from its header.
+
+    Args:
+        path: a .gguf file.
+
+    Returns:
+        ModelDesc with real per-tensor byte counts.
+
+    Raises:
+        ModelNotFoundError: no such file.
+        GGUFError: not a GGUF, unreadable header, missing keys, or truncated (tensor data
+            extends past the end of the file).
+    """
+    import gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelNotFoundError(f"no such file: {p}")
+    file_bytes = p.stat().st_size
+    with p.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{p} is not a GGUF file (starts with {magic!r}); convert it with `llamalocal convert`")
+    try:
+        reader = gguf.GGUFReader(str(p), "r")
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on a cut header
+        raise GGUFError(f"{p}: unreadable GGUF header ({type(e).__name__}: {e}); the file is damaged or "
+                        "truncated, convert it again") from None
+
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > file_bytes:
+        raise GGUFError(f"{p} is truncated: its tensors need {end:,} bytes but the file has {file_bytes:,}; "
+                        "convert or download it again")
+
+    arch = str(_field(reader, gguf.Keys.General.ARCHITECTURE, ""))
+    if not arch:
+        raise GGUFError(f"{p}: no general.architecture in the header; not a model GGUF")
+
+    def key(template: str, default=None):
+        v = _field(reader, template.format(arch=arch), default)
+        if v is None:
+            raise GGUFError(f"{p}: header lacks {template.format(arch=arch)}; not a usable {arch} model")
+        return v
+
+    n_layers = int(key(gguf.Keys.LLM.BLOCK_COUNT))
+    n_embd = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    n_head = int(key(gguf.Keys.Attention.HEAD_COUNT))
+    n_head_kv = int(key(gguf.Keys.Attention.HEAD_COUNT_KV, n_head))
+    n_ff = int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, 0))
+    n_ctx_train = int(key(gguf.Keys.LLM.CONTEXT_LENGTH))
+    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
+    n_vocab = int(_field(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=arch), 0) or (len(tokens.data) if tokens else 0))
+
+    ftype_id = _field(reader, gguf.Keys.General.FILE_TYPE)
+    try:
+        file_type = gguf.LlamaFileType(int(ftype_id)).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except (TypeError, ValueError):
+        file_type = "unknown"
+
+    layer_bytes = [0] * n_layers
+    layer_type_bytes: list[dict[str, int]] = [{} for _ in range(n_layers)]
+    type_bytes: dict[str, int] = {}
+    token_embd = output = other = 0
+    output_type = token_embd_type = ""
+    n_params = 0
+    for t in reader.tensors:
+        nbytes, tname = int(t.n_bytes), _type_name(t.tensor_type)
+        n_params += int(t.n_elements)
+        type_bytes[tname] = type_bytes.get(tname, 0) + nbytes
+        m = _BLOCK.match(t.name)
+        if m and int(m.group(1)) < n_layers:
+            i = int(m.group(1))
+            layer_bytes[i] += nbytes
+            layer_type_bytes[i][tname] = layer_type_bytes[i].get(tname, 0) + nbytes
+        elif t.name == "token_embd.weight":
+            token_embd, token_embd_type = nbytes, tname
+            if not n_vocab:
+                n_vocab = int(t.shape[-1])
+        elif t.name in ("output.weight", "output_norm.weight"):
+            output += nbytes
+            if t.name == "output.weight":
+                output_type = tname
+        else:
+            other += nbytes
+    if not output_type:
+        # tied embeddings: llama.cpp reuses token_embd as the output matrix
+        output += token_embd
+        output_type = token_embd_type
+
+    name = str(_field(reader, gguf.Keys.General.NAME, "") or p.stem)
+    return ModelDesc(
+        name=name, arch=arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, file_type=file_type, file_bytes=file_bytes,
+        layer_bytes=layer_bytes, token_embd_bytes=token_embd, output_bytes=output, other_bytes=other,
+        tensor_type_bytes=type_bytes, n_params=n_params, layer_type_bytes=layer_type_bytes,
+        output_type=output_type, token_embd_type=token_embd_type,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the real LLaMA sizes, header-only
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Shape:
+    n_embd: int
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int
+    family: str
+
+
+# Meta's published hyper-parameters (params.json + the FFN size Meta's formula gives).
+REFERENCE_SHAPES: dict[str, _Shape] = {
+    "7B": _Shape(4096, 32, 32, 32, 11008, 2048, "LLaMA"),
+    "13B": _Shape(5120, 40, 40, 40, 13824, 2048, "LLaMA"),
+    "30B": _Shape(6656, 60, 52, 52, 17920, 2048, "LLaMA"),
+    "65B": _Shape(8192, 80, 64, 64, 22016, 2048, "LLaMA"),
+    "70B": _Shape(8192, 80, 64, 8, 28672, 4096, "Llama-2"),
+}
+REFERENCE_QUANTS = ("f16", "q8_0", "q5_1", "q4_0", "q2_k")
+N_VOCAB = 32000
+
+
+def _tensor_bytes(ggml_type, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[ggml_type]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * nbytes
+
+
+def reference_model(size: str, quant: str) -> ModelDesc:
+    """A header-only description of Meta's LLaMA `size` ('7B' ... '65B', '70B' = Llama-2) at `quant`.
+
+    Per-tensor types are the ones llama.cpp's quantizer picks (convert.presets.tensor_type), so
+    the byte counts are those of a real converted file (less its few-MB header).
+
+    Raises:
+        BadInputError: unknown size or preset.
+    """
+    from convert.presets import parse_preset, tensor_type
+    from llamalocal.errors import BadInputError
+
+    key = size.upper()
+    if key not in REFERENCE_SHAPES:
+        raise BadInputError(f"unknown model size {size!r}; choose one of {', '.join(REFERENCE_SHAPES)}")
+    s = REFERENCE_SHAPES[key]
+    preset = parse_preset(quant)
+    head_dim = s.n_embd // s.n_head
+    n_kv = head_dim * s.n_head_kv
+    kw = dict(n_layers=s.n_layers, n_head=s.n_head, n_head_kv=s.n_head_kv)
+
+    type_bytes: dict[str, int] = {}
+    n_params = 0
+
+    def add(name: str, shape: tuple[int, ...], i_layer: int | None = None) -> tuple[int, str]:
+        nonlocal n_params
+        t = tensor_type(preset, name, shape, i_layer=i_layer, **kw)
+        b = _tensor_bytes(t, shape)
+        tname = t.name.lower()
+        type_bytes[tname] = type_bytes.get(tname, 0) + b
+        n = 1
+        for d in shape:
+            n *= d
+        n_params += n
+        return b, tname
+
+    # numpy shapes (rows, cols); Meta's names in the comments
+    layer_shapes = {
+        "attn_norm": (s.n_embd,),               # attention_norm
+        "attn_q": (s.n_embd, s.n_embd),         # wq
+        "attn_k": (n_kv, s.n_embd),             # wk
+        "attn_v": (n_kv, s.n_embd),             # wv
+        "attn_output": (s.n_embd, s.n_embd),    # wo
+        "ffn_norm": (s.n_embd,),                # ffn_norm
+        "ffn_gate": (s.n_ff, s.n_embd),         # w1
+        "ffn_down": (s.n_embd, s.n_ff),         # w2
+        "ffn_up": (s.n_ff, s.n_embd),           # w3
+    }
+    layer_bytes, layer_type_bytes = [], []
+    for i in range(s.n_layers):
+        total, by_type = 0, {}
+        for role, shape in layer_shapes.items():
+            b, tname = add(f"blk.{i}.{role}.weight", shape, i)
+            total += b
+            by_type[tname] = by_type.get(tname, 0) + b
+        layer_bytes.append(total)
+        layer_type_bytes.append(by_type)
+    embd, embd_type = add("token_embd.weight", (N_VOCAB, s.n_embd))      # tok_embeddings
+    out, out_type = add("output.weight", (N_VOCAB, s.n_embd))            # output
+    out_norm, _ = add("output_norm.weight", (s.n_embd,))                 # norm
+
+    return ModelDesc(
+        name=f"{s.family} {key} {preset.name}", arch="llama", n_layers=s.n_layers, n_embd=s.n_embd,
+        n_head=s.n_head, n_head_kv=s.n_head_kv, n_ff=s.n_ff, n_vocab=N_VOCAB, n_ctx_train=s.n_ctx_train,
+        file_type=preset.name, file_bytes=0, layer_bytes=layer_bytes, token_embd_bytes=embd,
+        output_bytes=out + out_norm, other_bytes=0, tensor_type_bytes=type_bytes, n_params=n_params,
+        layer_type_bytes=layer_type_bytes, output_type=out_type, token_embd_type=embd_type,
+    )
+
+
+def reference_file_bytes(desc: ModelDesc) -> int:
+    """The file size of a reference model: tensors plus the header llamalocal writes (vocab ~0.7 MB)."""
+    return desc.weights_bytes + 750_000

@@ -1,0 +1,414 @@
+"""Where each part of a model goes, and why: llama.cpp's `n_gpu_layers`, planned before loading.
+
+Memory model (what llama.cpp 0.3.36's vendored build allocates; numbers checked against its own
+log lines and against the RSS of a real CPU run, see tests/test_planner.py):
+
+- Weights: each layer's `blk.N.*` tensors go to the layer's device. `token_embd` always stays on
+  the CPU. llama.cpp counts `n_gpu_layers` from the top, output layer first: with k > 0 the
+  output layer and the last k-1 repeating layers are offloaded; k = n_layers + 1 offloads all.
+- KV cache, per layer on the layer's device: 2 (K and V) x n_ctx x n_head_kv x head_dim x
+  bytes(cache type); llama.cpp rounds n_ctx up to a multiple of 256.
+- Compute buffers: the largest set of live activations in one ubatch, per device that runs part
+  of the graph (formula in `compute_bytes`, calibrated on llama.cpp's `compute buffer size`).
+- CPU side, the process's resident memory: the mmapped weights of CPU tensors (llama.cpp reads
+  them all at load), plus the CPU backend's repacked copies (x86 AVX2 repacks Q4_0/Q4_K/IQ4_NL
+  weights into an interleaved layout in anonymous memory; the file pages they came from stay
+  resident but are clean page cache the kernel may drop), plus CPU KV and compute buffers, plus
+  Python and llama.cpp themselves (`BASELINE_BYTES`, measured).
+- Apple unified memory: GPU tensors are the same mmapped pages (Metal wraps host memory), so
+  they are counted once, in RAM, and also against Metal's working-set budget.
+- Margins: `GPU_MARGIN_BYTES` per accelerator for the driver and fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from llamalocal.errors import PlanError
+from llamalocal.hardware import GiB, MiB, Device, Hardware
+from llamalocal.model_desc import ModelDesc
+
+# Measured here: a fresh Python that has imported llama_cpp is 44 MiB resident; loading a model
+# adds ~10 MiB beyond its buffers (vocab tables, ggml contexts, threads) for a 32000-token vocab.
+BASELINE_BYTES = 56 * MiB
+# Per accelerator, kept free: driver allocations, fragmentation (Ollama keeps 457-512 MiB).
+GPU_MARGIN_BYTES = 512 * MiB
+DEFAULT_CTX_CAP = 4096
+CTX_PAD = 256
+
+# bytes per element of the KV cache types llama.cpp accepts (block bytes / block size)
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+                    "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+
+# Disk read speeds for the paging estimate (sequential reads of a cold mmap).
+_NVME_BPS = 2e9
+
+
+@dataclass
+class DevicePlan:
+    name: str
+    kind: str               # "cpu" | "gpu" | "unified"
+    n_layers: int           # repeating layers placed here (+1 in `has_output` for the output layer)
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    total_bytes: int        # cpu: the whole process's expected resident memory
+    budget_bytes: int
+    has_output: bool = False
+    reclaimable_bytes: int = 0  # cpu: file pages of repacked weights, droppable under pressure
+
+    @property
+    def need_bytes(self) -> int:
+        """What must fit the budget (resident memory less what the kernel can drop)."""
+        return self.total_bytes - self.reclaimable_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.budget_bytes
+
+
+@dataclass
+class Plan:
+    model_name: str
+    n_layers: int                # repeating layers; llama.cpp can offload n_layers + 1
+    n_gpu_layers: int            # what to pass to llama.cpp
+    threads: int
+    fits: str                    # "gpu" | "partial" | "cpu" | "no"
+    reason: str
+    devices: list[DevicePlan]
+    n_ctx: int
+    cache_type: str
+    use_mmap: bool
+    use_mlock: bool
+    requested: int | str         # the --n-gpu-layers asked for: "auto", "all" or a number
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)   # what check() refuses without --force
+    hardware_source: str = "detected"
+    n_ctx_train: int = 0
+    n_batch: int = 512
+    n_ubatch: int = 512
+
+    @property
+    def cpu(self) -> DevicePlan:
+        return next(d for d in self.devices if d.kind == "cpu")
+
+    @property
+    def resident_bytes(self) -> int:
+        """Expected resident memory of the process (RSS)."""
+        return self.cpu.total_bytes
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model_name, "n_layers": self.n_layers, "n_gpu_layers": self.n_gpu_layers,
+            "threads": self.threads, "fits": self.fits, "reason": self.reason,
+            "devices": [
+                {k: v for k, v in asdict(d).items()} | {"need_bytes": d.need_bytes} for d in self.devices
+            ],
+            "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train, "cache_type": self.cache_type,
+            "use_mmap": self.use_mmap, "use_mlock": self.use_mlock, "requested": self.requested,
+            "warnings": self.warnings, "errors": self.errors, "hardware": self.hardware_source,
+        }
+
+    def describe(self) -> str:
+        """What goes where and why, in a few lines (printed by plan, chat and serve)."""
+        offl = self.n_gpu_layers
+        if offl == 0:
+            where = f"{self.n_layers} layers on CPU"
+        else:
+            rep = max(0, min(offl, self.n_layers + 1) - 1)
+            where = f"{offl}/{self.n_layers + 1} layers on GPU ({rep} repeating + output)"
+        lines = [f"{self.model_name}: {where} [{self.fits}] — {self.reason}"]
+        for d in self.devices:
+            head = f"  {d.name} ({d.kind}):"
+            body = (f"weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute {_gib(d.compute_bytes)}")
+            if d.kind == "cpu":
+                extra = f" -> process ~{_gib(d.total_bytes)}"
+                if d.reclaimable_bytes:
+                    extra += f" ({_gib(d.reclaimable_bytes)} of it droppable page cache)"
+                lines.append(f"{head:<22}{body}{extra}; {_gib(d.budget_bytes)} RAM available")
+            else:
+                lines.append(f"{head:<22}{body} = {_gib(d.total_bytes)} of {_gib(d.budget_bytes)} budget")
+        lines.append(f"  ctx {self.n_ctx}, KV cache {self.cache_type}, {self.threads} threads, "
+                     f"mmap {'on' if self.use_mmap else 'off'}, mlock {'on' if self.use_mlock else 'off'}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 100 * MiB or n == 0 else f"{n / MiB:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces
+# ---------------------------------------------------------------------------------------------
+
+def padded_ctx(n_ctx: int) -> int:
+    return math.ceil(n_ctx / CTX_PAD) * CTX_PAD
+
+
+def kv_bytes_per_layer(model: ModelDesc, n_ctx: int, cache_type: str = "f16") -> int:
+    """K and V for one layer: 2 x n_ctx x n_head_kv x head_dim x bytes(cache type)."""
+    if cache_type not in CACHE_TYPE_BYTES:
+        raise PlanError(f"unknown KV cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPE_BYTES)}")
+    return int(2 * padded_ctx(n_ctx) * model.n_head_kv * model.head_dim * CACHE_TYPE_BYTES[cache_type])
+
+
+def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = 512) -> int:
+    """The compute buffer of a device running whole layers, without flash attention.
+
+    The peak of three phases, in f32 activations of one ubatch (u tokens):
+      attention: the KQ matrix (n_ctx x u x n_head) and its mask (n_ctx x u), with
+                 q/k/v/kqv/residual around it (5 n_embd + 2 n_embd_kv per token);
+      logits:    n_vocab x u, with two n_embd rows per token;
+      FFN:       gate/up/act (4 n_ff) and 3 n_embd per token.
+    Calibrated on llama.cpp's `CPU compute buffer size` for LLaMA-7B shapes (ctx 512-4096,
+    ubatch 128/512) and a 1024-wide GQA model (ctx 2048/8192): within 5 %.
+    """
+    u = min(n_ubatch, padded_ctx(n_ctx))
+    n_ctx = padded_ctx(n_ctx)
+    n_embd_kv = model.head_dim * model.n_head_kv
+    attention = n_ctx * u * (model.n_head + 1) + (5 * model.n_embd + 2 * n_embd_kv) * u
+    logits = (model.n_vocab + 2 * model.n_embd) * u
+    ffn = (4 * model.n_ff + 3 * model.n_embd) * u
+    return 4 * max(attention, logits, ffn)
+
+
+def host_compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = 512) -> int:
+    """The CPU's compute buffer when every layer runs on a GPU: input embeddings and the mask."""
+    u = min(n_ubatch, padded_ctx(n_ctx))
+    return 4 * (model.n_embd + padded_ctx(n_ctx)) * u
+
+
+def repack_types(features: list[str]) -> set[str]:
+    """ggml types the CPU backend repacks into its interleaved layout (ggml-cpu/repack.cpp)."""
+    f = set(features)
+    if "REPACK" not in f:
+        return set()
+    types: set[str] = set()
+    if "AVX2" in f:
+        types |= {"q4_0", "q4_k", "iq4_nl", "mxfp4"}
+        if "AVX512" in f:
+            types.add("q2_k")
+    if "NEON" in f and "DOTPROD" in f:
+        types |= {"q4_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "mxfp4"}
+        if "MATMUL_INT8" in f:
+            types.add("q8_0")
+    return types
+
+
+def _layer_repack_bytes(model: ModelDesc, i: int, types: set[str]) -> int:
+    if not types or not model.layer_type_bytes:
+        return 0
+    return sum(b for t, b in model.layer_type_bytes[i].items() if t in types)
+
+
+def _assign(n_layers: int, k: int, accels: list[Device]) -> list[int]:
+    """llama.cpp's placement: for layers 0..n_layers (n_layers = output), the index of the
+    accelerator it goes to, or -1 for the CPU. Split between several by their free memory."""
+    if not accels or k <= 0:
+        return [-1] * (n_layers + 1)
+    start = max(n_layers + 1 - k, 0)
+    act = min(k, n_layers + 1)
+    total = sum(max(d.free_bytes, 1) for d in accels)
+    splits, acc = [], 0.0
+    for d in accels:
+        acc += max(d.free_bytes, 1)
+        splits.append(acc / total)
+    out = []
+    for il in range(n_layers + 1):
+        if il < start:
+            out.append(-1)
+            continue
+        x = (il - start) / act
+        out.append(next((j for j, s in enumerate(splits) if s > x), len(accels) - 1))
+    return out
+
+
+def _layout(model: ModelDesc, hw: Hardware, k: int, n_ctx: int, cache_type: str, n_ubatch: int,
+            mlock: bool) -> list[DevicePlan]:
+    accels = hw.accelerators
+    where = _assign(model.n_layers, k, accels)
+    kv_layer = kv_bytes_per_layer(model, n_ctx, cache_type)
+    compute = compute_bytes(model, n_ctx, n_ubatch)
+    rtypes = repack_types(hw.cpu_features)
+
+    plans = [DevicePlan(d.name, d.kind, 0, 0, 0, 0, 0, max(d.free_bytes - GPU_MARGIN_BYTES, 0)) for d in accels]
+    cpu_layers = cpu_weights = cpu_kv = repack = 0
+    cpu_output = False
+    for il, j in enumerate(where):
+        is_output = il == model.n_layers
+        w = model.output_bytes if is_output else model.layer_bytes[il]
+        kv = 0 if is_output else kv_layer
+        if j < 0:
+            cpu_weights += w
+            cpu_kv += kv
+            if is_output:
+                cpu_output = True
+                if model.output_type in rtypes:
+                    repack += model.output_bytes
+            else:
+                cpu_layers += 1
+                repack += _layer_repack_bytes(model, il, rtypes)
+        else:
+            p = plans[j]
+            p.weights_bytes += w
+            p.kv_bytes += kv
+            if is_output:
+                p.has_output = True
+            else:
+                p.n_layers += 1
+    for p in plans:
+        if p.weights_bytes:
+            p.compute_bytes = compute
+        p.total_bytes = p.weights_bytes + p.kv_bytes + p.compute_bytes
+
+    cpu_weights += model.token_embd_bytes + model.other_bytes
+    cpu_compute = compute if (cpu_layers or cpu_output or not accels) else host_compute_bytes(model, n_ctx, n_ubatch)
+    resident = BASELINE_BYTES + cpu_weights + repack + cpu_kv + cpu_compute
+    if hw.unified:
+        # Metal wraps the same RAM: the GPU part is in this process's memory too
+        resident += sum(p.total_bytes for p in plans if p.kind == "unified")
+    cpu = DevicePlan(
+        name="CPU", kind="cpu", n_layers=cpu_layers, weights_bytes=cpu_weights + repack, kv_bytes=cpu_kv,
+        compute_bytes=cpu_compute, total_bytes=resident, budget_bytes=hw.ram_available, has_output=cpu_output,
+        reclaimable_bytes=0 if mlock else repack,
+    )
+    return plans + [cpu]
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+
+def default_ctx(model: ModelDesc) -> int:
+    return min(model.n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
+
+
+def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_layers: int | str = "auto",
+         cache_type: str = "f16", threads: int | None = None, mlock: bool = False, n_batch: int = 512,
+         n_ubatch: int = 512) -> Plan:
+    """Plan where `model` goes on `hw`.
+
+    Args:
+        model: from `read_model_desc` or `reference_model`.
+        hw: from `hardware.detect()` or `hardware.simulated(...)`.
+        n_ctx: context length; default the model's own, at most 4096.
+        n_gpu_layers: "auto" (the largest that fits), "all", or a number honoured exactly
+            (llama.cpp's count: n_layers + 1 includes the output layer).
+        cache_type: KV cache type ("f16", "q8_0", ...).
+        threads: default the physical cores.
+        mlock: lock the weights in RAM (nothing can be paged out or dropped).
+
+    Returns:
+        The Plan. Problems that must stop a load without --force are in `plan.errors`;
+        `check(plan, force)` raises them.
+    """
+    n_ctx = n_ctx or default_ctx(model)
+    full = model.n_layers + 1
+    accels = hw.accelerators
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    if model.n_ctx_train and n_ctx > model.n_ctx_train:
+        errors.append(f"--ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.name} was trained "
+                      f"on; quality collapses past it. Use --ctx {model.n_ctx_train} or less")
+
+    def layout(k: int) -> list[DevicePlan]:
+        return _layout(model, hw, k, n_ctx, cache_type, n_ubatch, mlock)
+
+    def accels_fit(devs: list[DevicePlan]) -> bool:
+        return all(d.fits for d in devs if d.kind != "cpu")
+
+    if n_gpu_layers == "auto":
+        k = 0
+        if accels:
+            # monotone: more layers on the GPUs never uses less GPU memory, so search from the top
+            k = next((k for k in range(full, -1, -1) if accels_fit(layout(k))), 0)
+        devices = layout(k)
+    else:
+        k = full if n_gpu_layers == "all" else int(n_gpu_layers)
+        if k > full:
+            errors.append(f"--n-gpu-layers {k} is impossible: {model.name} has {model.n_layers} layers "
+                          f"(+1 output layer = {full} at most; 'all' means {full})")
+            k = full
+        if k > 0 and not accels:
+            errors.append(f"--n-gpu-layers {n_gpu_layers} asks for a GPU but this llama-cpp-python build has "
+                          f"none (backends: {', '.join(hw.backends)}); run `llamalocal doctor`")
+            devices = layout(0)
+        else:
+            devices = layout(k)
+            for d in devices:
+                if d.kind != "cpu" and not d.fits:
+                    errors.append(
+                        f"--n-gpu-layers {n_gpu_layers} does not fit {d.name}: needs {_gib(d.total_bytes)} "
+                        f"(weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute {_gib(d.compute_bytes)}) "
+                        f"but its budget is {_gib(d.budget_bytes)} (free less {GPU_MARGIN_BYTES // MiB} MiB); "
+                        f"at most {_max_fitting(model, hw, layout, full)} layers fit")
+        if not accels:
+            k = 0
+
+    cpu = next(d for d in devices if d.kind == "cpu")
+    fits, reason = _classify(model, hw, devices, k, full, n_gpu_layers, layout)
+    if not cpu.fits and mlock:
+        errors.append(f"--mlock needs {_gib(cpu.need_bytes)} locked in RAM but {_gib(cpu.budget_bytes)} is available")
+    if fits == "no":
+        warnings.append(reason)
+
+    return Plan(
+        model_name=model.name, n_layers=model.n_layers, n_gpu_layers=k, threads=threads or hw.physical_cores,
+        fits=fits, reason=reason, devices=devices, n_ctx=n_ctx, cache_type=cache_type, use_mmap=True,
+        use_mlock=mlock, requested=n_gpu_layers, warnings=warnings, errors=errors,
+        hardware_source=hw.source, n_ctx_train=model.n_ctx_train, n_batch=n_batch, n_ubatch=n_ubatch,
+    )
+
+
+def _max_fitting(model: ModelDesc, hw: Hardware, layout, full: int) -> int:
+    return next((k for k in range(full, -1, -1)
+                 if all(d.fits for d in layout(k) if d.kind != "cpu")), 0)
+
+
+def _classify(model: ModelDesc, hw: Hardware, devices: list[DevicePlan], k: int, full: int,
+              requested: int | str, layout) -> tuple[str, str]:
+    cpu = next(d for d in devices if d.kind == "cpu")
+    gpus = [d for d in devices if d.kind != "cpu"]
+    if not cpu.fits:
+        short = cpu.need_bytes - cpu.budget_bytes
+        per_token = short / _NVME_BPS
+        return "no", (
+            f"does not fit in RAM: the CPU side needs {_gib(cpu.need_bytes)} but {_gib(cpu.budget_bytes)} is available "
+            f"(short by {_gib(short)}); the model will page from disk through mmap, re-reading about "
+            f"{_gib(short)} per token — at ~2 GB/s (NVMe) that is {per_token:.1f} s per token or worse")
+    if not gpus:
+        return "cpu", f"CPU only: no GPU backend in this build ({', '.join(hw.backends)}); fits in RAM"
+    if k == full:
+        where = ", ".join(f"{d.name} {_gib(d.total_bytes)} of {_gib(d.budget_bytes)}" for d in gpus)
+        return "gpu", ("fits entirely" if requested == "auto" else f"--n-gpu-layers {requested}: all offloaded") + f" ({where})"
+    # what stopped us: the device that would overflow with all layers
+    fullplan = layout(full)
+    over = [d for d in fullplan if d.kind != "cpu" and not d.fits]
+    what = "Metal's working set" if any(d.kind == "unified" for d in over) else "VRAM"
+    limit = ""
+    if over:
+        d = over[0]
+        limit = (f"; all {full} need {_gib(d.total_bytes)} on {d.name}, its budget is "
+                 f"{_gib(d.budget_bytes)} (short by {_gib(d.total_bytes - d.budget_bytes)})")
+    label = "partial" if k > 0 else "cpu"
+    if requested != "auto":
+        return label, f"--n-gpu-layers {requested} as asked" + limit
+    return label, f"limited by {what}: {k} of {full} layers fit" + limit
+
+
+def check(p: Plan, force: bool = False) -> Plan:
+    """Refuse a plan that cannot work, unless forced.
+
+    Raises:
+        PlanError: `p.errors` is not empty and `force` is false; with the numbers. An impossible
+            --n-gpu-layers (more than the model has) is refused even with force.
+    """
+    hard = [e for e in p.errors if "is impossible" in e]
+    if hard:
+        raise PlanError(hard[0])
+    if p.errors and not force:
+        raise PlanError(p.errors[0] + " (--force to try anyway)")
+    return p

@@ -1,0 +1,115 @@
+"""Conversion speed and memory: `llamalocal convert --q4_0` against llama.cpp's own pipeline.
+
+The peer is what a llama.cpp user runs on a Meta download: `examples/convert_legacy_llama.py`
+(from the llama-cpp-python source distribution) to an f16 GGUF, then `llama_model_quantize` to
+q4_0. Both run in the same session on the same synthetic checkpoint with LLaMA-7B tensor shapes
+(dim 4096, FFN 11008, 32 heads, vocab 32000; fewer layers), each as a child process whose wall time
+and peak RSS (getrusage of that child) are measured.
+
+    python scripts/bench_convert.py                    # 16 layers (~6.5 GB fp16 checkpoint)
+    python scripts/bench_convert.py --layers 4 --work /tmp/bc
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PEER_VERSION = "0.3.36"
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Run `cmd`; return (wall seconds, peak RSS bytes of that child)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+def peer_source(cache: Path, sdist: Path | None) -> Path:
+    """llama.cpp's sources from the llama-cpp-python sdist (downloaded from PyPI once, then cached)."""
+    root = cache / f"llama_cpp_python-{PEER_VERSION}"
+    if (root / "vendor/llama.cpp/examples/convert_legacy_llama.py").is_file():
+        return root / "vendor/llama.cpp"
+    cache.mkdir(parents=True, exist_ok=True)
+    if sdist is None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
+                        f"llama-cpp-python=={PEER_VERSION}"], check=True)
+        sdist = cache / f"llama_cpp_python-{PEER_VERSION}.tar.gz"
+    with tarfile.open(sdist) as tf:
+        tf.extractall(cache, filter="data")
+    return root / "vendor/llama.cpp"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llamalocal-bench-convert"))
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llamalocal-peer")
+    ap.add_argument("--sdist", type=Path, default=None, help="an already downloaded llama-cpp-python sdist")
+    ap.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/llama-tokenizer/tokenizer.model",
+                    help="a 32000-piece tokenizer.model (else one is trained, with a smaller vocab)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args()
+
+    from convert.params import ModelParams
+    from convert.sample import SampleSpec, build_sample
+
+    llama_cpp_src = peer_source(a.cache, a.sdist)
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = a.work / "7B"
+    p = ModelParams(dim=4096, n_layers=a.layers, n_heads=32, multiple_of=256, norm_eps=1e-6)
+    if not (model / "params.json").is_file():
+        print(f"building a LLaMA-7B-shaped checkpoint with {a.layers} layers in {model} ...", file=sys.stderr)
+        tok = a.tokenizer if a.tokenizer.is_file() else None
+        build_sample(a.work, "7B", SampleSpec(params=p, vocab_size=8000), tokenizer=tok)
+    ckpt_bytes = sum(f.stat().st_size for f in model.glob("consolidated.*.pth"))
+    for f in a.work.glob("*.gguf"):
+        f.unlink()
+
+    ours_out, peer_f16, peer_q4 = a.work / "ours-q4_0.gguf", a.work / "peer-f16.gguf", a.work / "peer-q4_0.gguf"
+    print("llamalocal convert --q4_0 ...", file=sys.stderr)
+    ours_t, ours_rss = run_measured([sys.executable, "-m", "llamalocal", "convert", str(model), "--q4_0",
+                                     "--outfile", str(ours_out), "--quiet"])
+
+    print("peer: convert_legacy_llama.py --outtype f16 ...", file=sys.stderr)
+    env = dict(os.environ, PYTHONPATH=str(llama_cpp_src / "gguf-py"))
+    conv_t, conv_rss = run_measured([sys.executable, str(llama_cpp_src / "examples/convert_legacy_llama.py"), str(model),
+                                     "--outtype", "f16", "--vocab-dir", str(a.work), "--outfile", str(peer_f16)], env=env)
+    print("peer: llama_model_quantize q4_0 ...", file=sys.stderr)
+    quant = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+             "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
+             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+    q_t, q_rss = run_measured([sys.executable, "-c", quant, str(peer_f16), str(peer_q4)])
+    peer_t, peer_rss = conv_t + q_t, max(conv_rss, q_rss)
+
+    gib = 2**30
+    print(f"\ncheckpoint: LLaMA-7B shapes, {a.layers} layers, {ckpt_bytes / gib:.2f} GiB fp16; "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'':34}{'wall s':>10}{'peak RSS GiB':>15}")
+    print(f"{'llamalocal convert --q4_0':34}{ours_t:10.1f}{ours_rss / gib:15.2f}")
+    print(f"{'peer convert_legacy_llama f16':34}{conv_t:10.1f}{conv_rss / gib:15.2f}")
+    print(f"{'peer llama_model_quantize q4_0':34}{q_t:10.1f}{q_rss / gib:15.2f}")
+    print(f"{'peer pipeline':34}{peer_t:10.1f}{peer_rss / gib:15.2f}")
+    print(f"\nspeed: {peer_t / ours_t:.2f}x the peer (goal >= 3x)")
+    print(f"peak RSS: {ours_rss / peer_rss:.3f}x the peer's (goal <= 0.25x)")
+    print(f"output sizes: ours {ours_out.stat().st_size / gib:.3f} GiB, peer {peer_q4.stat().st_size / gib:.3f} GiB")
+    if not a.keep:
+        shutil.rmtree(a.work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: converted GGUFs of the real tiny checkpoints (or synthetic ones), held-out text."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+META_TINY = SHARED / "fixtures" / "meta-tiny"
+LLAMA_TOKENIZER = SHARED / "fixtures" / "llama-tokenizer" / "tokenizer.model"
+
+
+def shared_available() -> bool:
+    return (META_TINY / "tiny-v1" / "params.json").is_file()
+
+
+needs_shared = pytest.mark.skipif(not shared_available(), reason="../shared/fixtures (real Meta-layout checkpoints) not present")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """A writable copy of meta-tiny (tokenizer.model + tiny-v1/ + tiny-v2/), or a synthetic stand-in
+    with the same layout (random weights, trained tokenizer) when ../shared is absent."""
+    root = tmp_path_factory.mktemp("meta-tiny")
+    if shared_available():
+        for item in META_TINY.iterdir():
+            dest = root / item.name
+            if item.is_dir():
+                shutil.copytree(item, dest)
+            else:
+                shutil.copy(item, dest)
+        for p in root.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        return root
+    from convert.params import ModelParams
+    from convert.sample import SampleSpec, build_sample
+
+    v1 = SampleSpec(params=ModelParams(dim=256, n_layers=4, n_heads=4, multiple_of=256, norm_eps=1e-6), n_shards=2)
+    build_sample(root, "tiny-v1", v1)
+    v2 = SampleSpec(params=ModelParams(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256,
+                                       ffn_dim_multiplier=1.3, norm_eps=1e-5), dtype="bf16", rope_freqs=False, seed=1)
+    tok = root / "tokenizer.model"
+    build_sample(root, "tiny-v2", v2, tokenizer=tok)
+    return root
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_checkpoints, tmp_path_factory) -> Callable[[str, str], Path]:
+    """converted("tiny-v1", "q4_0") -> path of that checkpoint converted by llamalocal at that preset."""
+    from convert.convert import convert
+
+    out_dir = tmp_path_factory.mktemp("gguf")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(model: str = "tiny-v1", preset: str = "f32") -> Path:
+        key = (model, preset)
+        if key not in cache:
+            cache[key] = convert(tiny_checkpoints / model, preset, out_dir / f"{model}-{preset}.gguf").path
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    """Text the tiny models never saw (synthetic prose when ../shared is absent)."""
+    path = META_TINY / "heldout.txt"
+    if path.is_file():
+        return path.read_text()
+    from convert.sample import _corpus
+
+    return "\n".join(_corpus()[:800])

@@ -1,0 +1,243 @@
+"""convert.presets against llama.cpp itself.
+
+For small llama GGUFs written at F32 with gguf-py, run llama.cpp's own `llama_model_quantize` at
+every preset, then check, for every tensor of the result, that `tensor_type` names the type
+llama.cpp chose and that `quantize_rows` gives the very bytes llama.cpp wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed to run llama.cpp's quantizer")
+
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from convert.presets import PRESETS, Preset, parse_preset, tensor_type, use_more_bits  # noqa: E402
+from convert.quantize import quantize_rows  # noqa: E402
+from llamalocal.errors import BadInputError  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# tiny llama GGUFs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Model:
+    """Hyper-parameters of a test model. `rows` overrides every 2-D tensor's row count to keep
+    the 80-layer models small (llama-quantize reads shapes, it does not check them)."""
+
+    n_layers: int
+    dim: int
+    ffn: int
+    n_head: int
+    n_head_kv: int
+    vocab: int = 64
+    rows: int | None = None
+
+
+MODELS = {
+    # use_more_bits picks layers 0, 3, 6, 7 of 8 and 0, 1, 4, 7, 10, 13, 14, 15 of 16
+    "mha-8": Model(n_layers=8, dim=256, ffn=512, n_head=4, n_head_kv=4),
+    # GQA factor 4: Q2_K's attn_v goes to Q4_K instead of Q3_K
+    "gqa4-16": Model(n_layers=16, dim=256, ffn=512, n_head=8, n_head_kv=2),
+    # rows of 288 (not a multiple of 256: k-quants fall back) and ffn_down rows of 200 (not even
+    # a multiple of 32: F16)
+    "odd-rows": Model(n_layers=4, dim=288, ffn=200, n_head=4, n_head_kv=4),
+    # llama.cpp's "70B" (80 layers with GQA): attn_v Q3_K/Q4_K -> Q5_K ...
+    "70b": Model(n_layers=80, dim=256, ffn=256, n_head=8, n_head_kv=1, vocab=16, rows=8),
+    # ... but not "65B" (80 layers, no GQA)
+    "65b": Model(n_layers=80, dim=256, ffn=256, n_head=8, n_head_kv=8, vocab=16, rows=8),
+}
+
+
+def _shapes(m: Model) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy shape (rows, cols), in Meta's layout."""
+    head_dim = m.dim // m.n_head
+    kv = m.n_head_kv * head_dim
+
+    def r(n: int) -> int:
+        return m.rows or n
+
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (r(m.vocab), m.dim),   # tok_embeddings
+        "output_norm.weight": (m.dim,),              # norm
+        "output.weight": (r(m.vocab), m.dim),        # output
+    }
+    for i in range(m.n_layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (m.dim,),        # attention_norm
+            f"blk.{i}.attn_q.weight": (r(m.dim), m.dim),  # wq
+            f"blk.{i}.attn_k.weight": (r(kv), m.dim),     # wk
+            f"blk.{i}.attn_v.weight": (r(kv), m.dim),     # wv
+            f"blk.{i}.attn_output.weight": (r(m.dim), m.dim),  # wo
+            f"blk.{i}.ffn_norm.weight": (m.dim,),         # ffn_norm
+            f"blk.{i}.ffn_gate.weight": (r(m.ffn), m.dim),  # w1
+            f"blk.{i}.ffn_down.weight": (r(m.dim), m.ffn),  # w2
+            f"blk.{i}.ffn_up.weight": (r(m.ffn), m.dim),    # w3
+        }
+    return shapes
+
+
+def _write_f32_gguf(path: Path, m: Model, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tensors = {
+        name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+               else 0.05 * rng.standard_normal(shape)).astype(np.float32)
+        for name, shape in _shapes(m).items()
+    }
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(m.dim)
+    w.add_block_count(m.n_layers)
+    w.add_feed_forward_length(m.ffn)
+    w.add_head_count(m.n_head)
+    w.add_head_count_kv(m.n_head_kv)
+    w.add_rope_dimension_count(m.dim // m.n_head)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # a minimal sentencepiece-style vocab: unk, bos, eos, then plain pieces
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(m.vocab - 3)])
+    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(m.vocab - 3)])
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (m.vocab - 3))
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def f32_models(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    d = tmp_path_factory.mktemp("f32")
+    return {key: (d / f"{key}.gguf", _write_f32_gguf(d / f"{key}.gguf", m, seed=i))
+            for i, (key, m) in enumerate(MODELS.items())}
+
+
+def _llama_quantize(src: Path, dst: Path, preset: Preset) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(preset.ftype)
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    assert rc == 0, f"llama_model_quantize failed for {preset.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the strong check
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_same_types_and_bytes_as_llama_quantize(f32_models, tmp_path, model, preset):
+    src, tensors = f32_models[model]
+    m, p = MODELS[model], PRESETS[preset]
+    out = tmp_path / f"{model}-{preset}.gguf"
+    _llama_quantize(src, out, p)
+
+    reader = gguf.GGUFReader(str(out))
+    assert int(reader.fields["general.file_type"].contents()) == int(p.ftype)
+    assert {t.name for t in reader.tensors} == set(tensors)
+
+    wrong = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy (rows, cols)
+        assert shape == tensors[t.name].shape
+        ours = tensor_type(p, t.name, shape, n_layers=m.n_layers, n_head=m.n_head, n_head_kv=m.n_head_kv)
+        if ours != t.tensor_type:
+            wrong[t.name] = (ours.name, Q(t.tensor_type).name)
+            continue
+        # the same quantizer on the same floats: llama.cpp's bytes exactly
+        assert np.array_equal(quantize_rows(tensors[t.name], ours), np.asarray(t.data).view(np.uint8).reshape(-1)), t.name
+    assert not wrong, f"tensor_type (ours, llama.cpp) differs for {wrong}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the table itself (each rule, in words; llama.cpp above is the authority)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tt(preset: str, name: str, shape: tuple[int, ...], n_layers: int = 32, n_head: int = 32,
+        n_head_kv: int = 32) -> Q:
+    return tensor_type(preset, name, shape, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv)
+
+
+def test_norms_and_1d_stay_f32():
+    for preset in PRESETS:
+        assert _tt(preset, "blk.3.attn_norm.weight", (4096,)) == Q.F32
+        assert _tt(preset, "output_norm.weight", (4096,)) == Q.F32
+
+
+def test_llama_7b_q4_k_m_choices():
+    assert _tt("q4_k_m", "token_embd.weight", (32000, 4096)) == Q.Q4_K
+    assert _tt("q4_k_m", "output.weight", (32000, 4096)) == Q.Q6_K
+    assert _tt("q4_k_m", "blk.0.attn_q.weight", (4096, 4096)) == Q.Q4_K
+    assert _tt("q4_k_m", "blk.0.attn_v.weight", (4096, 4096)) == Q.Q6_K   # first eighth
+    assert _tt("q4_k_m", "blk.5.attn_v.weight", (4096, 4096)) == Q.Q4_K
+    assert _tt("q4_k_m", "blk.5.ffn_down.weight", (4096, 11008)) == Q.Q4_K
+    assert _tt("q4_k_m", "blk.6.ffn_down.weight", (4096, 11008)) == Q.Q6_K  # every third
+    # OpenLLaMA-3B's ffn of 8640 is not a multiple of 256: Q4_K -> Q5_0, Q6_K -> Q8_0
+    assert _tt("q4_k_m", "blk.4.ffn_down.weight", (3200, 8640), n_layers=26) == Q.Q5_0
+    assert _tt("q4_k_m", "blk.0.ffn_down.weight", (3200, 8640), n_layers=26) == Q.Q8_0
+
+
+def test_f16_and_q8_0():
+    assert _tt("f16", "token_embd.weight", (32000, 4096)) == Q.F16
+    assert _tt("f16", "output.weight", (32000, 4096)) == Q.F16
+    assert _tt("f32", "output.weight", (32000, 4096)) == Q.F32
+    assert _tt("q8_0", "output.weight", (32000, 4096)) == Q.Q8_0
+    assert _tt("q4_0", "output.weight", (32000, 4096)) == Q.Q6_K
+    assert _tt("q4_0", "output.weight", (32000, 4100)) == Q.F16    # 4100 % 32 != 0
+
+
+def test_70b_rule_needs_80_layers_and_gqa():
+    v = "blk.40.attn_v.weight"
+    assert _tt("q4_k_m", v, (1024, 8192), n_layers=80, n_head=64, n_head_kv=8) == Q.Q5_K
+    assert _tt("q4_k_m", v, (8192, 8192), n_layers=80, n_head=64, n_head_kv=64) == Q.Q4_K
+    assert _tt("q2_k", v, (1024, 8192), n_layers=80, n_head=64, n_head_kv=8) == Q.Q5_K
+    assert _tt("q4_0", v, (1024, 8192), n_layers=80, n_head=64, n_head_kv=8) == Q.Q4_0
+
+
+def test_use_more_bits_pattern():
+    assert [i for i in range(8) if use_more_bits(i, 8)] == [0, 3, 6, 7]
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_layer_out_of_range():
+    with pytest.raises(ValueError, match="layer"):
+        _tt("q4_k_m", "blk.32.attn_v.weight", (4096, 4096), n_layers=32)
+
+
+@pytest.mark.parametrize("text,name", [
+    ("q4_0", "q4_0"), ("Q4_0", "q4_0"), ("q4_K_M", "q4_k_m"), ("--q8_0", "q8_0"), ("q4-k-m", "q4_k_m"),
+    ("4_0", "q4_0"), ("q4_k", "q4_k_m"), ("F16", "f16"), ("fp32", "f32"),
+])
+def test_parse_preset(text, name):
+    assert parse_preset(text).name == name
+
+
+@pytest.mark.parametrize("text", ["q4", "q6_k", "iq2_xs", "", "q4_k_s"])
+def test_parse_preset_refuses_with_the_valid_names(text):
+    with pytest.raises(BadInputError, match="q4_k_m") as e:
+        parse_preset(text)
+    assert e.value.exit_code == 2
+
+
+def test_preset_table():
+    assert list(PRESETS) == ["f32", "f16", "q8_0", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1", "q4_0",
+                             "q3_k_m", "q2_k"]
+    assert PRESETS["q8_0"].bits_per_weight == 8.5
+    assert PRESETS["q4_0"].bits_per_weight == 4.5
+    assert PRESETS["q5_1"].bits_per_weight == 6.0
+    for p in PRESETS.values():
+        assert p.ftype == getattr(llama_cpp, f"LLAMA_FTYPE_{p.ftype.name}")
