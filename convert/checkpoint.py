@@ -570,7 +570,8 @@ def _read_small(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes
 def _tensor_info(path: Path, name: str, rec: _TensorRecord, where: tuple[int, int]) -> TensorInfo:
     dt = rec.dtype
     if not dt.supported:
-        raise CheckpointError(f"{path}: tensor {name} has dtype torch.{dt.torch_name}, which is not a "
+        via = f" (stored as {rec.storage.stype.qualname})" if rec.storage.stype.dtype is not None else ""
+        raise CheckpointError(f"{path}: tensor {name} has dtype torch.{dt.torch_name}{via}, which is not a "
                               "weight format llamalocal reads (float16, bfloat16, float32, float64)")
     if not _contiguous(rec.shape, rec.stride):
         raise CheckpointError(f"{path}: tensor {name} is not contiguous (shape {rec.shape}, stride "

@@ -21,7 +21,7 @@ from typing import Protocol
 import gguf
 
 from convert import presets
-from convert.checklist import verify_checklist
+from convert.checklist import read_checklist, verify_checklist
 from convert.checkpoint import open_checkpoint
 from convert.gguf_out import StreamingGGUFWriter
 from convert.merge import MergedTensor, check_replicated, merged_shape
@@ -246,11 +246,12 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
     if verify:
-        for folder, listing, only in ((model_dir, CHECKLIST, None), (tok_path.parent, TOKENIZER_CHECKLIST, None)):
+        for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
             if (folder / listing).is_file():
-                total = sum((folder / f).stat().st_size for f in _listed(folder / listing) if (folder / f).is_file())
-                progress.stage(f"verifying {listing}", total)
-                verify_checklist(folder, files=only, progress=progress.advance, checklist=listing)
+                listed = read_checklist(folder / listing)
+                progress.stage(f"verifying {listing}", sum((folder / f).stat().st_size for f in listed
+                                                           if (folder / f).is_file()))
+                verify_checklist(folder, progress=progress.advance, checklist=listing)
             else:
                 warnings.append(f"no {listing} in {folder}: file integrity not verified")
     vocab = load_vocab(tok_path)
@@ -299,11 +300,3 @@ def _numel(shape: tuple[int, ...]) -> int:
         n *= d
     return n
 
-
-def _listed(checklist: Path) -> list[str]:
-    names = []
-    for line in checklist.read_text(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            names.append(parts[1].lstrip("*"))
-    return names

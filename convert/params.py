@@ -83,6 +83,6 @@ def load_params(model_dir: Path) -> ModelParams:
             raise ValueError("dimensions must be positive integers with dim % n_heads == 0 and n_heads % n_kv_heads == 0")
     except (TypeError, ValueError) as e:
         raise BadInputError(f"{path}: {e}") from e
-    if raw.get("use_scaled_rope") or (raw.get("rope_theta") or 0) >= 500_000:
+    if raw.get("use_scaled_rope") or (raw.get("vocab_size") or 0) >= 128_000:
         raise BadInputError(f"{path} is a Llama-3 model, whose Meta layout llamalocal does not convert yet")
     return p

@@ -9,10 +9,13 @@ nonsense, but every file is exactly what a real download looks like.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,17 +54,32 @@ def _corpus() -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def train_tokenizer(vocab_size: int = 512) -> bytes:
     """A LLaMA-style sentencepiece BPE model (byte fallback, split digits, identity normalisation)."""
     import sentencepiece as spm
 
     out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        num_threads=1, max_sentence_length=100000,
-    )
+    with _quiet_stderr():  # the trainer logs every piece at C++ level, ignoring minloglevel
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_corpus()), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+            character_coverage=0.995,  # rare characters fall back to bytes
+            remove_extra_whitespaces=False,  # as LLaMA's tokenizer (llama.cpp never strips spaces)
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, max_sentence_length=100000,
+        )
     return out.getvalue()
 
 

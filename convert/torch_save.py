@@ -37,6 +37,7 @@ DTYPES = ("f16", "bf16", "f32")
 _NP_DTYPE = {"f16": "<f2", "bf16": "<u2", "f32": "<f4"}
 _ALIGN = 64  # torch's kFieldAlignment
 _ZIP32_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields
+_ZIP64_SENTINEL = 0xFFFFFFFF  # what a 32-bit field holds when the value is in the zip64 extra
 _CHUNK = 1 << 22  # elements converted at a time, so big tensors are not copied whole
 
 
@@ -46,7 +47,8 @@ _CHUNK = 1 << 22  # elements converted at a time, so big tensors are not copied 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even like torch; NaN -> 0x7FC0."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    x = np.asarray(x, dtype=np.float32)
+    u = x.astype(np.float32, order="C", copy=False).view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
 
@@ -69,9 +71,26 @@ class _Entry:
     crc: int
     size: int
 
+    @property
+    def big_size(self) -> bool:
+        return self.size >= _ZIP32_LIMIT
+
+    @property
+    def big_offset(self) -> bool:
+        return self.offset >= _ZIP32_LIMIT
+
+
+def _zip64_extra(values: list[int]) -> bytes:
+    return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+
 
 class _TorchZipWriter:
-    """Appends stored records to a zip, then writes the central directory on `finish()`."""
+    """Appends stored records to a zip, then writes the central directory on `finish()`.
+
+    Past 4 GiB (a record that big, or starting that far in) torch's miniz adds a zip64 extra field
+    to the local header as well as to the central one ([size, 0] and/or [offset]) and writes 8-byte
+    sizes in the data descriptor; this writer does the same.
+    """
 
     def __init__(self, f: BinaryIO, archive: str) -> None:
         self.f = f
@@ -85,41 +104,35 @@ class _TorchZipWriter:
 
     def record(self, name: str, size: int, chunks: Iterable[bytes | memoryview]) -> None:
         """Write one record of exactly `size` bytes given as `chunks`."""
-        full = f"{self.archive}/{name}".encode()
-        offset = self.pos
-        big = size >= _ZIP32_LIMIT
-        zip64 = struct.pack("<HHQQ", 1, 16, size, size) if big else b""
-        # pad so that the data starts on a 64-byte boundary: 30-byte header, name, extras, "FB" field
-        start = offset + 30 + len(full) + len(zip64) + 4
-        pad = -start % _ALIGN
+        e = _Entry(f"{self.archive}/{name}".encode(), self.pos, 0, size)
+        zip64 = _zip64_extra(([size, 0] if e.big_size else []) + ([e.offset] if e.big_offset else []))
+        # pad so that the data starts on a 64-byte boundary: 30-byte header, name, zip64, "FB" field
+        pad = -(e.offset + 30 + len(e.name) + len(zip64) + 4) % _ALIGN
         extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if big else 0, 0x0808, 0, 0, 0, 0,
-                                _ZIP32_LIMIT if big else 0, _ZIP32_LIMIT if big else 0, len(full), len(extra)))
-        self._write(full)
+        # version 0, flags: sizes in a data descriptor (bit 3) + UTF-8 names (bit 11), stored, no date
+        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, 0, 0,
+                                len(e.name), len(extra)))
+        self._write(e.name)
         self._write(extra)
-        crc, written = 0, 0
+        written = 0
         for c in chunks:
-            crc = zlib.crc32(c, crc)
+            e.crc = zlib.crc32(c, e.crc)
             written += len(c)
             self._write(c)
         if written != size:
             raise ValueError(f"{name}: wrote {written} bytes, announced {size}")
-        # data descriptor (flag bit 3): the CRC and sizes follow the data
-        if big:
-            self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
-        else:
-            self._write(struct.pack("<IIII", 0x08074B50, crc, size, size))
-        self.entries.append(_Entry(full, offset, crc, size))
+        sizes = "QQ" if e.big_size or e.big_offset else "II"
+        self._write(struct.pack(f"<II{sizes}", 0x08074B50, e.crc, size, size))
+        self.entries.append(e)
 
     def finish(self) -> None:
         cd_start = self.pos
         for e in self.entries:
-            fields = [v for v in (e.size, e.size, e.offset) if v >= _ZIP32_LIMIT]
-            extra = struct.pack("<HH", 1, 8 * len(fields)) + struct.pack(f"<{len(fields)}Q", *fields) if fields else b""
-            size32 = min(e.size, _ZIP32_LIMIT)
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0,
-                                    e.crc, size32, size32, len(e.name), len(extra), 0, 0, 0, 0,
-                                    min(e.offset, _ZIP32_LIMIT)))
+            extra = _zip64_extra(([e.size, e.size] if e.big_size else []) + ([e.offset] if e.big_offset else []))
+            size32 = _ZIP64_SENTINEL if e.big_size else e.size
+            offset32 = _ZIP64_SENTINEL if e.big_offset else e.offset
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, 0x0808, 0, 0, 0,
+                                    e.crc, size32, size32, len(e.name), len(extra), 0, 0, 0, 0, offset32))
             self._write(e.name)
             self._write(extra)
         cd_size = self.pos - cd_start
@@ -128,7 +141,8 @@ class _TorchZipWriter:
         self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_start))
         self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
         self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                                min(cd_size, _ZIP32_LIMIT), min(cd_start, _ZIP32_LIMIT), 0))
+                                _ZIP64_SENTINEL if cd_size >= _ZIP32_LIMIT else cd_size,
+                                _ZIP64_SENTINEL if cd_start >= _ZIP32_LIMIT else cd_start, 0))
 
 
 def _archive_name(path: Path) -> str:

@@ -45,9 +45,9 @@ class CompareRow:
 
     model: str
     file_type: str
-    size_bytes: int
+    size_bytes: int  # the file
     n_params: int
-    bits_per_weight: float
+    bits_per_weight: float  # 8 * weight bytes / parameters (header and vocabulary not counted)
     ppl: float
     ppl_stderr: float
     ppl_delta: float  # ppl - base ppl
@@ -74,19 +74,6 @@ class CompareResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def file_type_name(llm: Any) -> str:
-    """The file type as llama.cpp names it ("Q4_0", "F16", "Q4_K - Medium") from llama_model_ftype."""
-    import ctypes
-
-    import llama_cpp
-
-    buf = ctypes.create_string_buffer(256)
-    llama_cpp.llama_model_desc(llm.model, buf, ctypes.sizeof(buf))
-    desc = buf.value.decode("utf-8", "replace")  # "llama ?B Q4_0"
-    parts = desc.split(" ", 2)
-    return parts[2] if len(parts) == 3 else desc
-
-
 def _mean_se(total: float, total2: float, n: int) -> tuple[float, float]:
     if n < 1:
         return float("nan"), float("nan")
@@ -109,6 +96,7 @@ class _Scored:
     model: str
     file_type: str
     size_bytes: int
+    weights_bytes: int
     n_params: int
     run: Running
     kl_sum: float = 0.0
@@ -151,9 +139,11 @@ def _evaluate(path: Path, text: bytes, *, n_ctx: int, chunks: int | None, base: 
               ) -> tuple[_Scored, list[int]]:
     """Score one file on the windows of `text`; the first (base_tokens None) fills `base`, the others
     are measured against it. Returns the scores and the file's tokens."""
-    import llama_cpp
     import numpy as np
 
+    from llamalocal.model_desc import read_model_desc
+
+    desc = read_model_desc(path)
     loaded = load_for_scoring(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, log=log)
     llm = loaded.llm
     try:
@@ -162,8 +152,8 @@ def _evaluate(path: Path, text: bytes, *, n_ctx: int, chunks: int | None, base: 
             raise BadInputError(f"{path.name} tokenizes the text differently from the base model; "
                                 "compare only quantizations of the same model")
         n_chunks = plan_chunks(len(tokens), n_ctx, chunks)
-        s = _Scored(model=str(path), file_type=file_type_name(llm), size_bytes=path.stat().st_size,
-                    n_params=int(llama_cpp.llama_model_n_params(llm.model)), run=Running())
+        s = _Scored(model=str(path), file_type=desc.file_type, size_bytes=path.stat().st_size,
+                    weights_bytes=desc.weights_bytes, n_params=desc.n_params, run=Running())
         for w in score_windows(llm, tokens, n_ctx, n_chunks):
             lp = log_softmax(w.logits).astype(np.float32)  # (n_scored, n_vocab), float32 on both sides
             s.run.add(token_nll(lp.astype(np.float64), w.targets))
@@ -239,7 +229,7 @@ def _rows(scored: list[_Scored]) -> list[CompareRow]:
         ppl = s.run.ppl()
         rows.append(CompareRow(
             model=s.model, file_type=s.file_type, size_bytes=s.size_bytes, n_params=s.n_params,
-            bits_per_weight=8 * s.size_bytes / s.n_params if s.n_params else float("nan"),
+            bits_per_weight=8 * s.weights_bytes / s.n_params if s.n_params else float("nan"),
             ppl=ppl, ppl_stderr=s.run.ppl_stderr(), ppl_delta=ppl - base_ppl,
             ppl_delta_pct=100 * (ppl / base_ppl - 1), kl_mean=kl, kl_stderr=kl_se,
             top1=s.same_top / n if n else float("nan"), tg_tps=s.tg_tps, is_base=i == 0))

@@ -209,10 +209,9 @@ def simulated(gpu_mem: int | None = None, unified: int | None = None, ram: int |
         ram_total = unified
     else:
         ram_total = base.ram_total  # type: ignore[union-attr]
-    if ram is None and unified is None:
-        available = base.ram_available  # type: ignore[union-attr]
-    else:
-        available = ram_total - os_reserve(ram_total)
+    # asking only about a GPU: the RAM is this machine's, as it is now
+    available = (base.ram_available if ram is None and unified is None  # type: ignore[union-attr]
+                 else ram_total - os_reserve(ram_total))
     phys = cores or (base.physical_cores if base else 4)
     feats = features if features is not None else (
         _APPLE_FEATURES if unified is not None else (base.cpu_features if base else _X86_FEATURES))

@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from llamalocal.errors import PlanError
-from llamalocal.hardware import GiB, MiB, Device, Hardware
+from llamalocal.hardware import Device, GiB, Hardware, MiB
 from llamalocal.model_desc import ModelDesc
 
 # Measured here: a fresh Python that has imported llama_cpp is 44 MiB resident; loading a model
@@ -103,7 +103,7 @@ class Plan:
             "model": self.model_name, "n_layers": self.n_layers, "n_gpu_layers": self.n_gpu_layers,
             "threads": self.threads, "fits": self.fits, "reason": self.reason,
             "devices": [
-                {k: v for k, v in asdict(d).items()} | {"need_bytes": d.need_bytes} for d in self.devices
+                asdict(d) | {"need_bytes": d.need_bytes} for d in self.devices
             ],
             "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train, "cache_type": self.cache_type,
             "use_mmap": self.use_mmap, "use_mlock": self.use_mlock, "requested": self.requested,
@@ -412,3 +412,14 @@ def check(p: Plan, force: bool = False) -> Plan:
     if p.errors and not force:
         raise PlanError(p.errors[0] + " (--force to try anyway)")
     return p
+
+
+def plan_gguf(path, *, hardware: Hardware | None = None, force: bool = False, **kw) -> Plan:
+    """Read a GGUF's header, plan it on `hardware` (default: this machine) and check it.
+
+    Keyword arguments are `plan`'s. Raises GGUFError / ModelNotFoundError / PlanError.
+    """
+    from llamalocal.hardware import detect
+    from llamalocal.model_desc import read_model_desc
+
+    return check(plan(read_model_desc(path), hardware or detect(), **kw), force)

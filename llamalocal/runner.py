@@ -18,13 +18,14 @@ streams the completion of a token prompt as text, filling a GenStats with the ti
 from __future__ import annotations
 
 import codecs
+import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamalocal.errors import BadInputError, GGUFError, LlamalocalError
+from llamalocal.errors import BadInputError, GGUFError, PlanError
 
 DEFAULT_CTX_CAP = 4096  # the model's own context, capped: a 4096-token f16 KV of 70B is 1.25 GiB
 CACHE_TYPES = ("f16", "q8_0")
@@ -63,6 +64,12 @@ def resolve_ctx(n_ctx: int | None, n_ctx_train: int | None) -> int:
     return min(n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
 
 
+def _ubatch(n_batch: int) -> int:
+    """The physical batch: llama-cpp-python's 512 at most, so a large logical batch (perplexity
+    windows) does not grow the compute buffer."""
+    return min(n_batch, 512)
+
+
 def _fewer_layers(n: int) -> int:
     """The next, smaller offload to try after an allocation failure: a quarter fewer, at least one."""
     return max(0, n - max(1, n // 4))
@@ -91,7 +98,8 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
     Raises:
         ModelNotFoundError, GGUFError: the file is missing, not a GGUF, truncated or corrupt.
         BadInputError: a context beyond the model's, an unknown cache type.
-        PlanError: the requested placement does not fit and `force` is off.
+        PlanError: the requested placement does not fit and `force` is off, or an explicit
+            --n-gpu-layers failed to allocate (auto steps down instead, and says so).
     """
     from llamalocal import hardware as hw_mod
     from llamalocal import planner
@@ -105,11 +113,13 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
 
     hw = hardware if hardware is not None else hw_mod.detect()
     plan = planner.plan(desc, hw, n_ctx=ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type,
-                        threads=threads, mlock=mlock)
+                        threads=threads, mlock=mlock, n_batch=n_batch, n_ubatch=_ubatch(n_batch))
+    planner.check(plan, force)  # refuses with the numbers, before anything is loaded
     say(plan.describe())
-    planner.check(plan, force)
+    for problem in plan.errors:  # only left when forced
+        say(f"warning: {problem}; going ahead because of --force")
 
-    explicit = isinstance(n_gpu_layers, int)
+    explicit = n_gpu_layers != "auto"  # a number or "all": honoured exactly, never quietly reduced
     layers = int(plan.n_gpu_layers)
     notes: list[str] = []
     while True:
@@ -124,9 +134,10 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
                                 "or there is not enough memory for it at --ctx "
                                 f"{ctx}: try a smaller --ctx or a smaller preset") from e
             if explicit and not force:
-                raise LlamalocalError(
-                    f"loading {p.name} with {layers} layers on the GPU failed to allocate ({e}); "
-                    "use fewer --n-gpu-layers, or `auto` to let llamalocal find what fits") from e
+                raise PlanError(
+                    f"loading {p.name} with --n-gpu-layers {n_gpu_layers} ({layers} layers on the GPU) failed "
+                    f"to allocate ({e}); use fewer layers, or `auto` to let llamalocal find what fits") from e
+            gc.collect()  # let the failed attempt's buffers go before the next one
             fewer = _fewer_layers(layers)
             note = (f"loading with {layers} GPU layers failed to allocate memory; "
                     f"retrying with {fewer} ({'CPU only' if fewer == 0 else 'the rest on the CPU'})")
@@ -141,7 +152,7 @@ def _open(path: Path, *, ctx: int, n_gpu_layers: int, threads: int | None, logit
     import llama_cpp
 
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
+        model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=_ubatch(n_batch), n_gpu_layers=n_gpu_layers,
         n_threads=threads, n_threads_batch=threads, logits_all=logits_all, use_mlock=mlock,
         # a quantized V cache needs flash attention in llama.cpp
         type_k=type_kv, type_v=type_kv, flash_attn=flash_attn,

@@ -57,6 +57,7 @@ class ServeConfig:
     force: bool = False
     parallel: int = DEFAULT_PARALLEL  # requests admitted at once: one runs, the rest queue
     alias: str | None = None  # model id in /v1/models; default: the file's stem
+    template: str | None = None  # chat prompt format, "inst" or "plain"; default as `chat` picks it
     access_log: bool = True
 
 
@@ -121,21 +122,21 @@ def dialog_formatter(llm: Any, template: str) -> Callable[..., Any]:
     return formatter
 
 
-def choose_chat_formatter(llm: Any, path: Path) -> tuple[str, Any]:
-    """(description, formatter) for chat requests: the GGUF's own chat template if it carries one
-    (ours do not), else llamalocal.chat's choice: Meta's Llama-2 `[INST]` format for a model
-    named *chat*, a plain dialogue for a base model."""
+def choose_chat_formatter(llm: Any, path: Path, override: str | None = None) -> tuple[str, Any]:
+    """(description, formatter) for chat requests: `override` ("inst"/"plain") if given, else the
+    GGUF's own chat template if it carries one (ours do not), else llamalocal.chat's choice:
+    Meta's Llama-2 `[INST]` format for a model named *chat*, a plain dialogue for a base model."""
     from llama_cpp import llama_chat_format as lcf
 
     from llamalocal.chat import pick_template
 
     template = llm.metadata.get("tokenizer.chat_template")
-    if template:
+    if template and override is None:
         bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
         eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
         return "the GGUF's chat template", lcf.Jinja2ChatFormatter(
             template=template, bos_token=bos, eos_token=eos, stop_token_ids=[llm.token_eos()])
-    chosen, why = pick_template(None, llm.metadata.get("general.name"), path)
+    chosen, why = pick_template(override, llm.metadata.get("general.name"), path)
     return f"{chosen} ({why})", dialog_formatter(llm, chosen)
 
 
@@ -215,8 +216,9 @@ def prepare_request(path: str, body: bytes, llm: Any, formatter: Any) -> bytes:
 class RequestGate:
     """Key check, admission bound and body checks for the completion routes.
 
-    `parallel` counts requests from admission until their response (stream included) has ended;
-    one more gets 503 at once instead of an ever longer queue.
+    `parallel` counts requests from admission until the last byte of their response (stream
+    included) is sent or the client is gone; one more gets 503 at once instead of an ever longer
+    queue.
     """
 
     def __init__(self, app: Any, *, check: Callable[[str, bytes], bytes], api_key: str | None,
@@ -245,10 +247,25 @@ class RequestGate:
                          scope, receive, send, headers={"Retry-After": "1"})
             return
         self.in_flight += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.in_flight -= 1
+
+        async def send_releasing(message: dict) -> None:
+            # the slot is free once the last byte is handed over, before the app's own teardown
+            # (which for a stream lags behind): the client may already be sending its next request
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self._checked(path, scope, receive, send)
+            await self._checked(path, scope, receive, send_releasing)
         finally:
-            self.in_flight -= 1
+            release()
 
     async def _checked(self, path: str, scope: dict, receive: Callable, send: Callable) -> None:
         from anyio import to_thread
@@ -379,8 +396,8 @@ def is_loopback(host: str) -> bool:
 def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | None = None) -> None:
     """Load the model with the planned placement, log the plan, serve until SIGINT or SIGTERM.
 
-    SIGTERM returns normally after a graceful shutdown; SIGINT ends in KeyboardInterrupt (the CLI
-    exits 130). Open streams get GRACEFUL_SHUTDOWN_S seconds to finish.
+    SIGTERM returns normally after a graceful shutdown; SIGINT ends in KeyboardInterrupt after it
+    (the CLI exits 130). Open streams get GRACEFUL_SHUTDOWN_S seconds to finish.
 
     Raises:
         BadInputError (and the runner's GGUFError/PlanError) for a bad model, placement or address.
@@ -399,15 +416,16 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
     try:
         if loaded.plan is None:
             say(f"placement: not planned (the runner returned no plan); model {loaded.path}")
-        fmt_name, formatter = choose_chat_formatter(loaded.llm, Path(loaded.path))
+        fmt_name, formatter = choose_chat_formatter(loaded.llm, Path(loaded.path), cfg.template)
         app = build_app(loaded.llm, Path(loaded.path), alias=cfg.alias, api_key=cfg.api_key,
                         parallel=cfg.parallel, formatter=formatter)
         sock = bind_socket(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         alias = cfg.alias or Path(loaded.path).stem
-        say(f"serving {alias} (context {loaded.llm.n_ctx()} tokens, chat format: {fmt_name}, "
-            f"up to {cfg.parallel} requests admitted at once{', API key required' if cfg.api_key else ''})")
+        say(f"chat format: {fmt_name}")
+        say(f"serving {alias}: context {loaded.llm.n_ctx()} tokens, up to {cfg.parallel} requests admitted "
+            f"at once{', API key required' if cfg.api_key else ''}")
         if not is_loopback(cfg.host):
             say(f"warning: listening on {cfg.host}, reachable from other machines"
                 + ("" if cfg.api_key else " by anyone: consider --api-key"))
@@ -419,15 +437,21 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         server = uvicorn.Server(uvicorn.Config(app, log_config=log_config, access_log=cfg.access_log,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                                log_level="info"))
-        # uvicorn re-raises the signal that stopped it once it has shut down; for SIGTERM that
-        # would kill us before the model is freed, so it lands on a handler that does nothing
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal once it has shut
+        # down: SIGTERM would kill us before the model is freed, and SIGINT would land in
+        # asyncio's own handler mid-teardown (a traceback). Both land here instead.
+        stopped_by: list[int] = []
+        previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             server.run(sockets=[sock])
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             sock.close()
         say("server stopped")
+        if signal.SIGINT in stopped_by:
+            raise KeyboardInterrupt  # the CLI exits 130, as for any Ctrl-C
     finally:
         loaded.llm.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pty
@@ -255,12 +256,9 @@ class Pty:
     def wait(self, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with_buf = select.select([self.fd], [], [], 0.05)[0]
-            if with_buf:
-                try:
+            if select.select([self.fd], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):  # drain, so the child never blocks on a full pty
                     os.read(self.fd, 65536)
-                except OSError:
-                    pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 os.close(self.fd)

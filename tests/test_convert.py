@@ -71,11 +71,11 @@ def test_sharded_gqa_synthetic_matches_reference(tmp_path, n_shards):
     """Same weights split over 1, 2 and 4 shards: the GGUF is byte-identical and matches the reference."""
     p = ModelParams(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=1.3,
                     norm_eps=1e-5, rope_theta=500.0)
-    d = build_sample(tmp_path / "ck", "m", SampleSpec(params=p, n_shards=n_shards, dtype="f32", vocab_size=300))
+    d = build_sample(tmp_path / "ck", "m", SampleSpec(params=p, n_shards=n_shards, dtype="f32", vocab_size=400))
     out = convert(d, "f32", tmp_path / "m.gguf").path
     assert_logits_match(d, out, tokens_for(d, "def main(argv): return 0"))
     if n_shards > 1:
-        one = build_sample(tmp_path / "ck1", "m", SampleSpec(params=p, n_shards=1, dtype="f32", vocab_size=300),
+        one = build_sample(tmp_path / "ck1", "m", SampleSpec(params=p, n_shards=1, dtype="f32", vocab_size=400),
                            tokenizer=d.parent / "tokenizer.model")
         ref = convert(one, "f32", tmp_path / "one.gguf").path
         a, b = gguf.GGUFReader(out), gguf.GGUFReader(ref)
@@ -113,7 +113,7 @@ def test_code_llama_vocab_padding_and_rope_theta(tmp_path):
     """Code Llama: rope_theta 1e6, an embedding larger than the tokenizer (padded), 16384 context."""
     p = ModelParams(dim=64, n_layers=1, n_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=1e6)
     tok_dir = tmp_path / "tok"
-    build_sample(tok_dir, "x", SampleSpec(params=p, vocab_size=300))
+    build_sample(tok_dir, "x", SampleSpec(params=p, vocab_size=400))
     import json
 
     from convert.sample import random_weights
@@ -122,13 +122,13 @@ def test_code_llama_vocab_padding_and_rope_theta(tmp_path):
     d = tmp_path / "CodeLlama-7b"
     d.mkdir()
     (tmp_path / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
-    save_state_dict(d / "consolidated.00.pth", dict(random_weights(p, 316, 0)), dtype="f16")
+    save_state_dict(d / "consolidated.00.pth", dict(random_weights(p, 416, 0)), dtype="f16")
     (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 2, "multiple_of": 32,
-                                               "norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": 316}))
+                                               "norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": 416}))
     r = gguf.GGUFReader(convert(d, "f16", tmp_path / "c.gguf", verify=False).path)
     assert _kv(r, "llama.context_length") == 16384
     assert _kv(r, "llama.rope.freq_base") == pytest.approx(1e6)
-    assert len(r.fields["tokenizer.ggml.tokens"].data) == 316
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == 416
 
 
 def test_ctx_override(tiny_checkpoints, tmp_path):

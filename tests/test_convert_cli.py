@@ -19,7 +19,7 @@ from llamalocal.cli import main
 @pytest.fixture
 def sample(tmp_path):
     p = ModelParams(dim=64, n_layers=2, n_heads=2, multiple_of=32, norm_eps=1e-6)
-    return build_sample(tmp_path / "models", "7B", SampleSpec(params=p, n_shards=2, vocab_size=300))
+    return build_sample(tmp_path / "models", "7B", SampleSpec(params=p, n_shards=2, vocab_size=400))
 
 
 def run(*args, env=None):
@@ -83,7 +83,7 @@ def test_missing_shard(sample):
 
 def test_shards_of_different_models(sample, tmp_path):
     p = ModelParams(dim=64, n_layers=3, n_heads=2, multiple_of=32, norm_eps=1e-6)
-    other = build_sample(tmp_path / "other", "7B", SampleSpec(params=p, n_shards=2, vocab_size=300, seed=5))
+    other = build_sample(tmp_path / "other", "7B", SampleSpec(params=p, n_shards=2, vocab_size=400, seed=5))
     shutil.copy(other / "consolidated.01.pth", sample / "consolidated.01.pth")
     _expect_bad(sample, "not from the same model", "--no-verify")
 
@@ -123,12 +123,12 @@ def test_unknown_tensor_names(sample, tmp_path):
 
 
 def test_malicious_pickle_is_refused_and_never_runs(sample, tmp_path):
-    from convert.torch_save import write_raw_pickle_checkpoint
+    from convert.torch_save import write_raw_checkpoint
 
     marker = tmp_path / "pwned"
     payload = (b"\x80\x02cos\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
                + f"touch {marker}".encode() + b"\x85R.")
-    write_raw_pickle_checkpoint(sample / "consolidated.00.pth", payload)
+    write_raw_checkpoint(sample / "consolidated.00.pth", payload)
     _expect_bad(sample, "os.system", "--no-verify")
     assert not marker.exists()
 
@@ -158,7 +158,7 @@ def test_ctrl_c_exit_code_130_and_no_file(sample, tmp_path):
     import time
 
     p = ModelParams(dim=512, n_layers=8, n_heads=8, multiple_of=256, norm_eps=1e-6)
-    big = build_sample(tmp_path / "big", "m", SampleSpec(params=p, vocab_size=300, dtype="f32"))
+    big = build_sample(tmp_path / "big", "m", SampleSpec(params=p, vocab_size=400, dtype="f32"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "llamalocal", "convert", str(big), "--q2_k", "--no-verify"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)

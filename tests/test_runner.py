@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llamalocal import runner
-from llamalocal.errors import BadInputError, GGUFError, LlamalocalError, ModelNotFoundError
+from llamalocal.errors import BadInputError, GGUFError, ModelNotFoundError, PlanError
 from llamalocal.runner import GenStats, Sampling, complete, load_model, stream_tokens, tokenize_prompt
 
 GREEDY = Sampling(temp=0)
@@ -205,6 +205,7 @@ def test_impossible_gpu_layers_is_refused(q8):
 class _FakePlan:
     n_gpu_layers: int
     threads: int = 1
+    errors: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         return f"fake plan: {self.n_gpu_layers} layers on the GPU"
@@ -242,7 +243,7 @@ def test_auto_retries_with_fewer_layers_after_a_failed_allocation(q8, gpu_that_f
 
 
 def test_explicit_layers_are_not_silently_reduced(q8, gpu_that_fits_10_layers):
-    with pytest.raises(LlamalocalError, match="20 layers"):
+    with pytest.raises(PlanError, match="20 layers"):
         load_model(q8, n_ctx=64, n_gpu_layers=20)
     assert gpu_that_fits_10_layers == [20]
 

@@ -105,10 +105,13 @@ def perplexity(model: str | None, text_file: Path, n_ctx: int, chunks: int | Non
 
 
 class _Bar:
-    """A tqdm bar on stderr (hidden when stderr is not a terminal) showing the running estimate."""
+    """A tqdm bar on stderr (hidden when stderr is not a terminal) showing the running estimate;
+    a new bar per file for `compare`."""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
+        self.key: tuple[str, int] | None = None
+        self.done = 0
         self.bar: Any = None
 
     def __enter__(self) -> _Bar:
@@ -118,23 +121,24 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
 
-    def _ensure(self, total: int, desc: str) -> Any:
+    def _advance(self, desc: str, done: int, total: int, postfix: str = "") -> None:
         from tqdm import tqdm
 
-        if self.bar is None or self.bar.total != total or self.bar.desc != desc:
+        if self.key != (desc, total):
             if self.bar is not None:
                 self.bar.close()
             self.bar = tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr, disable=None, leave=True)
-        return self.bar
+            self.key, self.done = (desc, total), 0
+        if postfix:
+            self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(done - self.done)
+        self.done = done
 
     def update_ppl(self, done: int, total: int, ppl: float, stderr: float) -> None:
-        bar = self._ensure(total, self.desc)
-        bar.set_postfix_str(f"PPL {ppl:.4f} ± {_fmt(stderr, '.4f')}", refresh=False)
-        bar.update(done - bar.n)
+        self._advance(self.desc, done, total, f"PPL {ppl:.4f} ± {_fmt(stderr, '.4f')}")
 
     def update_file(self, i: int, n: int, name: str, done: int, total: int) -> None:
-        bar = self._ensure(total, f"[{i}/{n}] {name}")
-        bar.update(done - bar.n)
+        self._advance(f"[{i}/{n}] {name}", done, total)
 
 
 # ---------------------------------------------------------------------------------------------

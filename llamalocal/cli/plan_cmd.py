@@ -97,7 +97,12 @@ def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unifie
 def requirements(n_ctx, cache_type, gpu_mem, unified, ram, as_json):
     """What LLaMA 7B-65B and Llama-2 70B need at each preset, and what this machine can do with them."""
     from llamalocal import planner
-    from llamalocal.model_desc import REFERENCE_QUANTS, REFERENCE_SHAPES, reference_file_bytes, reference_model
+    from llamalocal.model_desc import (
+        REFERENCE_QUANTS,
+        REFERENCE_SHAPES,
+        reference_file_bytes,
+        reference_model,
+    )
 
     hw = _hardware(gpu_mem, unified, ram)
     rows = []

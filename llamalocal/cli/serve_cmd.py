@@ -34,6 +34,9 @@ from llamalocal.server import DEFAULT_PORT as _PORT
               help="Requests admitted at once. The model has one context, so one request generates "
                    "while the others wait their turn in arrival order (streams are never cut off or "
                    "mixed); a request beyond N gets 503 at once. Memory does not grow with N.")
+@click.option("--template", type=click.Choice(["inst", "plain"]), default=None,
+              help="Chat prompt format. Default: the GGUF's own template if it has one, else inst "
+                   "([INST]) for models named *chat* and a plain dialogue otherwise, as `chat` picks.")
 @click.option("--alias", default=None, help="Model id listed by /v1/models. Default: the file name without .gguf.")
 @click.option("--no-access-log", "access_log", is_flag=True, flag_value=False, default=True,
               help="Do not log each request on stderr.")
@@ -42,8 +45,8 @@ from llamalocal.server import DEFAULT_PORT as _PORT
 @threads_option
 @force_option
 @models_dir_option
-def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int, alias: str | None,
-          access_log: bool, n_ctx: int | None, n_gpu_layers: int | str, threads: int | None, force: bool,
+def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int, template: str | None,
+          alias: str | None, access_log: bool, n_ctx: int | None, n_gpu_layers: int | str, threads: int | None, force: bool,
           models_dir: Path | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (default: the newest converted model).
 
@@ -69,7 +72,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
 
     path = resolve_gguf(model, models_dir)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                      threads=threads, force=force, parallel=parallel, alias=alias, access_log=access_log)
+                      threads=threads, force=force, parallel=parallel, alias=alias, template=template,
+                      access_log=access_log)
     run_server(path, cfg, log=lambda text: click.echo(text, err=True))
 
 
