@@ -410,6 +410,16 @@ class Checkpoint:
         offset, count, _ = self._span(t, start, stop)
         self._release_bytes(offset, count * t.itemsize)
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` from disk now (MADV_WILLNEED), so the read
+        overlaps with work on the tensor before it. Costs no resident memory until touched."""
+        t = self._info(name)
+        mm = self._mm
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED") or t.nbytes <= 0:
+            return
+        start = _page_down(t.offset)
+        mm.madvise(mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
+
     def _release_bytes(self, offset: int, length: int) -> None:
         mm = self._mm
         if mm is None or length <= 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):

@@ -282,7 +282,10 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             w.open()
             progress.stage(f"writing {out.name}", total)
             with ThreadPoolExecutor(n_workers) as pool:
-                for t in plans:
+                for i, t in enumerate(plans):
+                    if i + 1 < len(plans):  # overlap the next tensor's disk read with this one's work
+                        for s in shards:
+                            s.prefetch(plans[i + 1].meta_name)
                     merged = MergedTensor(t.meta_name, shards, t.split_dim, t.shape)
                     _write_tensor(w, t, merged, pool, 2 * n_workers, progress)
             w.finish()

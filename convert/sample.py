@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class SampleSpec:
     vocab_size: int = 512  # pieces of the trained tokenizer (ignored when a tokenizer is given)
     seed: int = 0
     rope_freqs: bool = True  # LLaMA-1 checkpoints carry rope.freqs, which converters skip
+
+
+_STAGE_BYTES = 64 * 1024 * 1024
 
 
 def _corpus() -> list[str]:
@@ -132,21 +136,32 @@ def build_sample(target: Path, name: str = "sample", spec: SampleSpec = SampleSp
 
     n_vocab = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
     p = spec.params
+    # Big samples (benchmarks with LLaMA-7B shapes) are staged in memory-mapped scratch files,
+    # so building one needs page cache, not RAM.
+    scratch = model_dir / ".scratch"
+    scratch.mkdir(exist_ok=True)
+    store = np.float16 if spec.dtype == "f16" else np.float32
     shards: list[dict[str, np.ndarray]] = [{} for _ in range(spec.n_shards)]
-    for meta_name, w in random_weights(p, n_vocab, spec.seed):
-        for i, part in enumerate(_shard(meta_name, w, spec.n_shards)):
-            shards[i][meta_name] = part
-    if spec.rope_freqs:
-        freqs = 1.0 / (10000.0 ** (np.arange(0, p.head_dim, 2, dtype=np.float32) / p.head_dim))
-        for s in shards:
-            s["rope.freqs"] = freqs
-    files = []
-    for i, sd in enumerate(shards):
-        f = model_dir / f"consolidated.{i:02d}.pth"
-        save_state_dict(f, sd, dtype=spec.dtype)
-        files.append(f.name)
-    sd = None
-    shards.clear()
+    try:
+        for meta_name, w in random_weights(p, n_vocab, spec.seed):
+            if w.nbytes > _STAGE_BYTES:
+                staged = np.lib.format.open_memmap(scratch / f"{meta_name}.npy", mode="w+", dtype=store, shape=w.shape)
+                staged[...] = w
+                w = staged
+            for i, part in enumerate(_shard(meta_name, w, spec.n_shards)):
+                shards[i][meta_name] = part
+        if spec.rope_freqs:
+            freqs = 1.0 / (10000.0 ** (np.arange(0, p.head_dim, 2, dtype=np.float32) / p.head_dim))
+            for sd in shards:
+                sd["rope.freqs"] = freqs
+        files = []
+        for i, sd in enumerate(shards):
+            f = model_dir / f"consolidated.{i:02d}.pth"
+            save_state_dict(f, sd, dtype=spec.dtype)
+            files.append(f.name)
+    finally:
+        shards.clear()
+        shutil.rmtree(scratch, ignore_errors=True)
     params = {k: v for k, v in asdict(p).items() if v is not None}
     (model_dir / "params.json").write_text(json.dumps(params))
     _write_checklist(model_dir, files + ["params.json"], "checklist.chk")

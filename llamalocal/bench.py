@@ -14,14 +14,18 @@ usually are, counted as STREAM's "copy" counts it (bytes read + bytes written).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamalocal.errors import BadInputError, LlamalocalError
+from llamalocal.errors import BadInputError
+from llamalocal.perplexity import TokenBatch
 
 N_PROMPT = 512  # llama-bench -p default
 N_GEN = 128  # llama-bench -n default
@@ -95,54 +99,84 @@ def _clear(llm: Any) -> None:
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), False)
 
 
-def _decode(llm: Any, batch: Any, tokens: list[int], pos0: int, last_logits_only: bool = True) -> None:
-    import llama_cpp
-
-    for k, tok in enumerate(tokens):
-        batch.token[k] = tok
-        batch.pos[k] = pos0 + k
-        batch.n_seq_id[k] = 1
-        batch.seq_id[k][0] = 0
-        batch.logits[k] = False
-    batch.logits[len(tokens) - 1] = True  # llama_batch_get_one's default: logits of the last token
-    batch.n_tokens = len(tokens)
-    rc = llama_cpp.llama_decode(llm.ctx, batch)
-    if rc != 0:
-        raise LlamalocalError(f"llama_decode failed with code {rc} during the benchmark")
-
-
-def run_pp(llm: Any, batch: Any, n_prompt: int, n_batch: int, rng: Any) -> float:
+def run_pp(llm: Any, batch: TokenBatch, n_prompt: int, n_batch: int, rng: Any) -> float:
     """One prompt-processing run from an empty cache; seconds."""
     import llama_cpp
 
     n_vocab, add_bos, bos = _vocab(llm)
+    tokens = rng.integers(0, n_vocab, size=n_prompt).astype("int32")
+    if add_bos:
+        tokens[0] = bos
     _clear(llm)
     t0 = time.perf_counter()
-    done = 0
-    while done < n_prompt:
-        n = min(n_prompt - done, n_batch)
-        toks = [int(t) for t in rng.integers(0, n_vocab, size=n)]
-        if done == 0 and add_bos:
-            toks[0] = bos
-        _decode(llm, batch, toks, done)
-        done += n
+    for b0 in range(0, n_prompt, n_batch):
+        part = tokens[b0:b0 + n_batch]
+        flags = [False] * len(part)
+        flags[-1] = True  # llama_batch_get_one's default: logits of the last token only
+        batch.set(part, b0, flags)
+        batch.decode(llm)
     llama_cpp.llama_synchronize(llm.ctx)
     return time.perf_counter() - t0
 
 
-def run_tg(llm: Any, batch: Any, n_gen: int, rng: Any) -> float:
+def run_tg(llm: Any, batch: TokenBatch, n_gen: int, rng: Any) -> float:
     """One generation run from an empty cache, one token per decode; seconds."""
     import llama_cpp
 
     n_vocab, add_bos, bos = _vocab(llm)
+    tokens = rng.integers(0, n_vocab, size=n_gen).astype("int32")
+    if add_bos:
+        tokens[0] = bos
     _clear(llm)
-    token = bos if add_bos else int(rng.integers(0, n_vocab))
     t0 = time.perf_counter()
     for pos in range(n_gen):
-        _decode(llm, batch, [token], pos)
+        batch.set(tokens[pos:pos + 1], pos, True)
+        batch.decode(llm)
         llama_cpp.llama_synchronize(llm.ctx)
-        token = int(rng.integers(0, n_vocab))
     return time.perf_counter() - t0
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    # ggml.h's struct ggml_threadpool_params
+    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+
+@contextlib.contextmanager
+def cpu_threadpool(llm: Any, n_threads: int) -> Iterator[bool]:
+    """Attach a persistent ggml CPU threadpool to the context for the duration, as llama-bench does.
+
+    Without one (llama-cpp-python binds no llama_attach_threadpool) ggml starts and joins its
+    worker threads on every decode, which costs a small model a good part of its generation
+    speed. Best effort: yields False, and changes nothing, where the libraries do not allow it.
+    """
+    import llama_cpp
+
+    pool = None
+    try:
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        name = {"darwin": "libggml-cpu.dylib", "win32": "ggml-cpu.dll"}.get(sys.platform, "libggml-cpu.so")
+        ggml_base = ctypes.CDLL(str(lib_dir / name.replace("-cpu", "-base")))
+        ggml_cpu = ctypes.CDLL(str(lib_dir / name))
+        params = _ThreadpoolParams()
+        ggml_base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+        ggml_cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        pool = ggml_cpu.ggml_threadpool_new(ctypes.byref(params))
+        llama_lib = llama_cpp.llama_cpp._lib
+        llama_lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        llama_lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+        ggml_cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        pool = None
+    if not pool:
+        yield False
+        return
+    llama_lib.llama_attach_threadpool(llm.ctx, pool, pool)
+    try:
+        yield True
+    finally:
+        llama_lib.llama_detach_threadpool(llm.ctx)
+        ggml_cpu.ggml_threadpool_free(pool)
 
 
 def bench_loaded(llm: Any, *, n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repetitions: int = REPETITIONS,
@@ -162,8 +196,8 @@ def bench_loaded(llm: Any, *, n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repe
     n_batch = int(llama_cpp.llama_n_batch(llm.ctx))
     rng = np.random.default_rng(0)
     say = progress or (lambda _msg: None)
-    batch = llama_cpp.llama_batch_init(max(n_batch, 1), 0, 1)
-    try:
+    n_threads = threads or int(llama_cpp.llama_n_threads(llm.ctx))
+    with TokenBatch(max(n_batch, 1)) as batch, cpu_threadpool(llm, n_threads):
         pp = tg = None
         if n_prompt > 0:
             if warmup:
@@ -185,8 +219,6 @@ def bench_loaded(llm: Any, *, n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repe
             tg = Rate.of(n_gen, secs)
         _clear(llm)
         return pp, tg
-    finally:
-        llama_cpp.llama_batch_free(batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ and top-1 agreement from the same scored positions.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from typing import Any
 from llamalocal.errors import BadInputError, LlamalocalError
 
 DEFAULT_CTX = 512  # llama-perplexity's default, and the context the published tables use
+MAX_BATCH = 512  # tokens per decode when scoring
 
 # progress(chunks_done, chunks_total, ppl_so_far, ppl_stderr_so_far)
 ProgressFn = Callable[[int, int, float, float], None]
@@ -98,46 +98,80 @@ def plan_chunks(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
 # decoding windows with llama.cpp's batch API
 
 
-@contextlib.contextmanager
-def _batch(n_tokens: int) -> Iterator[Any]:
+class TokenBatch:
+    """A llama_batch for one sequence, filled through numpy views of its arrays: a Python loop of
+    ctypes stores costs more than decoding a token of a small model."""
+
+    def __init__(self, capacity: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        b = self.batch
+        self.token = np.ctypeslib.as_array(b.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(b.pos, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(b.logits, shape=(capacity,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(capacity,))[:] = 1
+        for k in range(capacity):  # once: every token belongs to sequence 0
+            b.seq_id[k][0] = 0
+
+    def set(self, tokens: Any, pos0: int, outputs: Any) -> int:
+        """Load `tokens` at positions pos0…; `outputs` (bool or bool array) marks the tokens whose
+        logits are wanted. Returns how many are."""
+        import numpy as np
+
+        n = len(tokens)
+        self.token[:n] = tokens
+        self.pos[:n] = np.arange(pos0, pos0 + n)
+        self.logits[:n] = outputs
+        self.batch.n_tokens = n
+        return int(np.count_nonzero(self.logits[:n]))
+
+    def decode(self, llm: Any) -> None:
+        import llama_cpp
+
+        rc = llama_cpp.llama_decode(llm.ctx, self.batch)
+        if rc != 0:
+            raise LlamalocalError(f"llama_decode failed with code {rc} (out of memory for this context?); "
+                                  "try a smaller --ctx")
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+    def __enter__(self) -> TokenBatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def last_logits(llm: Any, n_out: int, n_vocab: int) -> Any:
+    """A copy of the logits of the last decode's outputs, (n_out, n_vocab) float32."""
     import llama_cpp
+    import numpy as np
 
-    batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
-    try:
-        yield batch
-    finally:
-        llama_cpp.llama_batch_free(batch)
+    ptr = ctypes.cast(llama_cpp.llama_get_logits(llm.ctx), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(ptr, shape=(n_out * n_vocab,)).reshape(n_out, n_vocab).copy()
 
 
-def _decode_window(llm: Any, batch: Any, window: list[int], first: int, n_batch: int, n_vocab: int) -> Any:
+def _decode_window(llm: Any, batch: TokenBatch, window: Any, first: int, n_batch: int, n_vocab: int) -> Any:
     """Decode one window from an empty cache; logits (float32) of positions first … len-1."""
     import llama_cpp
     import numpy as np
 
-    ctx = llm.ctx
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
     rows = []
     for b0 in range(0, len(window), n_batch):
         part = window[b0:b0 + n_batch]
-        n_out = 0
-        for k, tok in enumerate(part):
-            pos = b0 + k
-            batch.token[k] = tok
-            batch.pos[k] = pos
-            batch.n_seq_id[k] = 1
-            batch.seq_id[k][0] = 0
-            want = pos >= first
-            batch.logits[k] = want
-            n_out += want
-        batch.n_tokens = len(part)
-        rc = llama_cpp.llama_decode(ctx, batch)
-        if rc != 0:
-            raise LlamalocalError(f"llama_decode failed with code {rc} (out of memory for this context?); "
-                                  "try a smaller --ctx")
+        n_out = batch.set(part, b0, np.arange(b0, b0 + len(part)) >= first)
+        batch.decode(llm)
         if n_out:
-            ptr = llama_cpp.llama_get_logits(ctx)
-            flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out * n_vocab,))
-            rows.append(flat.reshape(n_out, n_vocab).copy())
+            rows.append(last_logits(llm, n_out, n_vocab))
     return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
 
@@ -159,10 +193,10 @@ def score_windows(llm: Any, tokens: list[int], n_ctx: int, n_chunks: int) -> Ite
         raise LlamalocalError(f"the model was loaded with a context of {llama_cpp.llama_n_ctx(llm.ctx)} tokens, "
                               f"less than the {n_ctx} perplexity needs")
     first = n_ctx // 2
-    with _batch(n_batch) as batch:
+    with TokenBatch(n_batch) as batch:
         for i in range(n_chunks):
             start = i * n_ctx
-            window = list(tokens[start:start + n_ctx])
+            window = np.array(tokens[start:start + n_ctx], dtype=np.int32)
             if add_bos:
                 window[0] = bos  # every window starts like a document
             logits = _decode_window(llm, batch, window, first, n_batch, n_vocab)
@@ -259,10 +293,12 @@ def perplexity_of(llm: Any, text: str | bytes, *, n_ctx: int = DEFAULT_CTX, chun
 def load_for_scoring(path: str | Path, *, n_ctx: int, n_gpu_layers: int | str = "auto",
                      threads: int | None = None, force: bool = False,
                      log: Callable[[str], None] | None = None) -> Any:
-    """Load a GGUF with a context of `n_ctx` and one batch per window (the runner plans placement)."""
+    """Load a GGUF with a context of `n_ctx` (the runner plans placement). Batches of at most 512
+    tokens, llama.cpp's default micro-batch: longer windows are decoded in pieces, as
+    llama-perplexity does, rather than growing the compute buffer with the window."""
     from llamalocal.runner import load_model
 
-    return load_model(path, n_ctx=n_ctx, n_batch=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads,
+    return load_model(path, n_ctx=n_ctx, n_batch=min(n_ctx, MAX_BATCH), n_gpu_layers=n_gpu_layers, threads=threads,
                       force=force, verbose=False, log=log)
 
 

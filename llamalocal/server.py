@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalocal.errors import BadInputError
+from llamalocal.runner import context_size
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -191,7 +192,7 @@ def prepare_request(path: str, body: bytes, llm: Any, formatter: Any) -> bytes:
             prompt = prompt[0] if prompt else ""
         n_prompt = len(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
 
-    n_ctx = llm.n_ctx()
+    n_ctx = context_size(llm)
     max_tokens = req.max_tokens if req.max_tokens and req.max_tokens > 0 else 0  # 0: fill the context
     param = "messages" if path == _CHAT else "prompt"
     if n_prompt >= n_ctx:
@@ -424,7 +425,7 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         shown = f"[{host}]" if ":" in host else host
         alias = cfg.alias or Path(loaded.path).stem
         say(f"chat format: {fmt_name}")
-        say(f"serving {alias}: context {loaded.llm.n_ctx()} tokens, up to {cfg.parallel} requests admitted "
+        say(f"serving {alias}: context {context_size(loaded.llm)} tokens, up to {cfg.parallel} requests admitted "
             f"at once{', API key required' if cfg.api_key else ''}")
         if not is_loopback(cfg.host):
             say(f"warning: listening on {cfg.host}, reachable from other machines"

@@ -4,8 +4,9 @@
 
 Both run on the CPU (-ngl 0) with flash attention off (llama-cpp-python's default, which the
 runner keeps for an f16 KV cache), n_ubatch 512. Rounds alternate ours / peer so that load from
-other processes hits both alike. Prints both means ± sd and the ratio ours / peer per test;
-exit status 1 when a ratio of the per-model medians is off by more than --tolerance (5 %).
+other processes hits both alike. Prints both means ± sd and the ratio ours / peer per test, then
+the ratio of the best round of each (load from other processes only ever slows a run down, so the
+fastest round is the least disturbed); exit status 1 when that is off by more than --tolerance (5 %).
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def main() -> None:
                       f"{rate.mean:>12.1f} ± {rate.sd:<6.1f} {p[key][0]:>12.1f} ± {p[key][1]:<6.1f} "
                       f"{rate.mean / p[key][0]:>7.3f}")
         for key in ("pp", "tg"):
-            ratio = statistics.median(ours_runs[key]) / statistics.median(peer_runs[key])
+            best_ours, best_peer = max(ours_runs[key]), max(peer_runs[key])
+            ratio = best_ours / best_peer
             worst = max(worst, abs(ratio - 1) * 100)
-            print(f"{model.name:<24} {key:<6} median ratio over rounds: {ratio:.3f}")
+            print(f"{model.name:<24} {key:<6} best rounds: {best_ours:.1f} vs {best_peer:.1f} t/s, ratio {ratio:.3f} "
+                  f"(median ratio {statistics.median(ours_runs[key]) / statistics.median(peer_runs[key]):.3f})")
     print(f"largest |ratio - 1|: {worst:.1f} % (tolerance {a.tolerance} %)")
     sys.exit(0 if worst <= a.tolerance else 1)
 

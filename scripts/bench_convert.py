@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +28,29 @@ PEER_VERSION = "0.3.36"
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Run `cmd`; return (wall seconds, peak RSS bytes of that child)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+    from llamalocal.procstat import run_measured as run
+
+    r = run(cmd, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{r.stderr[-3000:]}")
+    return r.seconds, r.peak_rss
+
+
+def settle_cache(files: list[Path], cold: bool) -> str:
+    """Put both pipelines in the same starting state: the checkpoint not in the page cache (drop
+    caches; needs root) or, where that is not allowed, entirely in it."""
+    os.sync()
+    if cold:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+            return "cold page cache"
+        except OSError:
+            pass
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    return "warm page cache"
 
 
 def peer_source(cache: Path, sdist: Path | None) -> Path:
@@ -63,6 +77,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/llama-tokenizer/tokenizer.model",
                     help="a 32000-piece tokenizer.model (else one is trained, with a smaller vocab)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--warm", action="store_true", help="start each run with the checkpoint in the page cache "
+                    "(default: dropped from it, as after a download or reboot, where permitted)")
     a = ap.parse_args()
 
     from convert.params import ModelParams
@@ -81,10 +97,13 @@ def main() -> None:
         f.unlink()
 
     ours_out, peer_f16, peer_q4 = a.work / "ours-q4_0.gguf", a.work / "peer-f16.gguf", a.work / "peer-q4_0.gguf"
-    print("llamalocal convert --q4_0 ...", file=sys.stderr)
+    shards = sorted(model.glob("consolidated.*.pth"))
+    cache_state = settle_cache(shards, cold=not a.warm)
+    print(f"llamalocal convert --q4_0 ({cache_state}) ...", file=sys.stderr)
     ours_t, ours_rss = run_measured([sys.executable, "-m", "llamalocal", "convert", str(model), "--q4_0",
                                      "--outfile", str(ours_out), "--quiet"])
 
+    settle_cache(shards, cold=not a.warm)
     print("peer: convert_legacy_llama.py --outtype f16 ...", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=str(llama_cpp_src / "gguf-py"))
     conv_t, conv_rss = run_measured([sys.executable, str(llama_cpp_src / "examples/convert_legacy_llama.py"), str(model),
@@ -98,7 +117,7 @@ def main() -> None:
 
     gib = 2**30
     print(f"\ncheckpoint: LLaMA-7B shapes, {a.layers} layers, {ckpt_bytes / gib:.2f} GiB fp16; "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; each pipeline started with a {cache_state}")
     print(f"{'':34}{'wall s':>10}{'peak RSS GiB':>15}")
     print(f"{'llamalocal convert --q4_0':34}{ours_t:10.1f}{ours_rss / gib:15.2f}")
     print(f"{'peer convert_legacy_llama f16':34}{conv_t:10.1f}{conv_rss / gib:15.2f}")

@@ -178,3 +178,26 @@ def test_help_teaches():
     assert code == 0
     for flag in ["--q4_0", "--q4_k_m", "--q2_k", "--f16", "--outfile", "--force", "--no-verify", "--quiet", "--type"]:
         assert flag in out
+
+
+def _peak_rss_of_convert(model_dir, out):
+    from llamalocal.procstat import run_measured
+
+    r = run_measured([sys.executable, "-m", "llamalocal", "convert", str(model_dir), "--q8_0", "--no-verify",
+                      "--quiet", "-o", str(out)])
+    assert r.returncode == 0, r.stderr
+    return r.peak_rss
+
+
+def test_peak_memory_does_not_grow_with_model_size(tmp_path):
+    """Streaming: a model 6x deeper (6x the bytes) converts within the same peak RSS."""
+    spec = dict(dim=1024, n_heads=8, multiple_of=256, norm_eps=1e-6)
+    small = build_sample(tmp_path / "s", "m", SampleSpec(params=ModelParams(n_layers=2, **spec), vocab_size=400))
+    big = build_sample(tmp_path / "b", "m", SampleSpec(params=ModelParams(n_layers=12, **spec), vocab_size=400))
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.pth"))  # noqa: E731
+    assert size(big) > 5 * size(small)
+    rss_small = _peak_rss_of_convert(small, tmp_path / "s.gguf")
+    rss_big = _peak_rss_of_convert(big, tmp_path / "b.gguf")
+    print(f"peak RSS: {rss_small / 2**20:.0f} MiB ({size(small) / 2**20:.0f} MiB model), "
+          f"{rss_big / 2**20:.0f} MiB ({size(big) / 2**20:.0f} MiB model)")
+    assert rss_big < rss_small * 1.15 + 8 * 2**20, (rss_small / 2**20, rss_big / 2**20, size(big) / 2**20)

@@ -91,6 +91,21 @@ def test_matches_an_independent_implementation(converted, heldout_text):
     assert res.ppl_stderr > 0
 
 
+def test_windows_longer_than_a_batch(converted, heldout_text):
+    """A window decoded in several batches (n_batch < n_ctx) scores the same as in one."""
+    from llamalocal.runner import load_model
+
+    path = converted("tiny-v1", "q8_0")
+    ppl = []
+    for n_batch in (64, 16):
+        loaded = load_model(path, n_ctx=64, n_batch=n_batch, n_gpu_layers=0)
+        try:
+            ppl.append(perplexity_of(loaded.llm, heldout_text, n_ctx=64, chunks=3).ppl)
+        finally:
+            loaded.llm.close()
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+
+
 def test_progress_reports_the_running_estimate(converted, heldout_text):
     seen = []
     res = perplexity(converted("tiny-v1", "q8_0"), heldout_text, n_ctx=64, chunks=3, n_gpu_layers=0,

@@ -244,6 +244,7 @@ def draw_plot(result: Any, plot_file: Path) -> None:
     ax.set_ylabel(f"perplexity (ctx {result.n_ctx}, {result.tokens} tokens)")
     ax.set_title("size vs. perplexity: lower left is better")
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     fig.tight_layout()
     fig.savefig(plot_file, dpi=120)
     plt.close(fig)
