@@ -388,20 +388,25 @@ class Checkpoint:
         mm = self._map()
         return np.frombuffer(mm, dtype=_stored(t.dtype), count=t.numel, offset=t.offset).reshape(t.shape)
 
-    def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def rows(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's
-        elements; the defaults give the whole tensor). Its pages are released afterwards."""
+        elements; the defaults give the whole tensor). Its pages are released afterwards.
+        `out`: a C-contiguous float32 buffer of the right size to fill instead of allocating one
+        (reusing buffers avoids faulting in fresh pages for every block)."""
+        from convert.quantize import to_f32
+
         t = self._info(name)
         offset, count, n = self._span(t, start, stop)
+        shape = (n,) + t.shape[1:] if t.shape else ()
         view = np.frombuffer(self._map(), dtype=_stored(t.dtype), count=count, offset=offset)
-        if _is_bf16(t.dtype):
-            # bf16 is the high half of a float32: widen, shift into place, reinterpret
-            out = (view.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = view.astype(np.float32)
+        if out is None:
+            out = np.empty(count, dtype=np.float32)
+        elif out.dtype != np.float32 or out.size != count or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: out must be C-contiguous float32 of {count} elements")
+        to_f32(view, out.reshape(-1), bf16=_is_bf16(t.dtype))
         del view  # the map cannot be closed while a view on it exists
         self._release_bytes(offset, count * t.itemsize)
-        return out.reshape((n,) + t.shape[1:]) if t.shape else out.reshape(())
+        return out.reshape(shape)
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Give the pages of rows [start, stop) back to the OS (after using `raw()` on them).

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Full, Queue
 from typing import Protocol
 
 import gguf
+import numpy as np
 
 from convert import presets
 from convert.checklist import read_checklist, verify_checklist
@@ -190,20 +193,66 @@ def _blocks(t: TensorPlan) -> Iterator[tuple[int, int]]:
         yield a, min(rows, a + step)
 
 
-def _write_tensor(w: StreamingGGUFWriter, t: TensorPlan, merged: MergedTensor, pool: ThreadPoolExecutor,
-                  window: int, progress: Progress) -> None:
-    """Blocks of rows go to the pool; results are written in order, at most `window` in flight."""
-    pending = []
-    for a, b in _blocks(t):
-        pending.append(pool.submit(lambda a=a, b=b: quantize_rows(merged.rows(a, b), t.qtype)))
-        if len(pending) >= window:
-            out = pending.pop(0).result()
-            w.write(t.gguf_name, out)
-            progress.advance(out.nbytes, t.gguf_name)
-    for f in pending:
-        out = f.result()
-        w.write(t.gguf_name, out)
-        progress.advance(out.nbytes, t.gguf_name)
+def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: list, n_workers: int,
+                    progress: Progress) -> None:
+    """Workers read, merge and quantize blocks of rows; one writer thread appends the results in
+    order, so disk writes overlap with the work. At most `window` blocks exist at any time."""
+    window = 2 * n_workers + 2
+    queue: Queue = Queue(maxsize=window)
+    stop = threading.Event()
+
+    def write_in_order() -> None:
+        while not stop.is_set():
+            try:
+                item = queue.get(timeout=0.1)
+            except Empty:
+                continue
+            if item is None:
+                return
+            name, future = item
+            out = future.result()
+            w.write(name, out)
+            progress.advance(out.nbytes, name)
+
+    buffers = threading.local()  # one float32 block per worker, reused: no fresh pages per block
+
+    def work(t: TensorPlan, merged: MergedTensor, a: int, b: int):
+        n = (b - a) * (t.shape[1] if len(t.shape) == 2 else t.shape[0])
+        buf = getattr(buffers, "x", None)
+        if buf is None or buf.size < n:
+            buf = buffers.x = np.empty(max(n, BLOCK_BYTES // 4), dtype=np.float32)
+        x = merged.rows(a, b, out=buf[:n])
+        out = quantize_rows(x, t.qtype)
+        return out.copy() if t.qtype == gguf.GGMLQuantizationType.F32 else out  # f32 is a view of buf
+
+    with ThreadPoolExecutor(n_workers) as pool, ThreadPoolExecutor(1) as writer_pool:
+        writer = writer_pool.submit(write_in_order)
+
+        def put(item) -> None:
+            while True:
+                if writer.done():  # the writer failed (disk full, a worker's error): surface it
+                    writer.result()
+                    raise RuntimeError("writer stopped early")
+                try:
+                    queue.put(item, timeout=0.1)
+                    return
+                except Full:
+                    continue
+
+        try:
+            for i, t in enumerate(plans):
+                if i + 1 < len(plans):  # overlap the next tensor's disk read with this one's work
+                    for s in shards:
+                        s.prefetch(plans[i + 1].meta_name)
+                merged = MergedTensor(t.meta_name, shards, t.split_dim, t.shape)
+                for a, b in _blocks(t):
+                    put((t.gguf_name, pool.submit(work, t, merged, a, b)))
+            put(None)
+            writer.result()
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
@@ -281,13 +330,7 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         try:
             w.open()
             progress.stage(f"writing {out.name}", total)
-            with ThreadPoolExecutor(n_workers) as pool:
-                for i, t in enumerate(plans):
-                    if i + 1 < len(plans):  # overlap the next tensor's disk read with this one's work
-                        for s in shards:
-                            s.prefetch(plans[i + 1].meta_name)
-                    merged = MergedTensor(t.meta_name, shards, t.split_dim, t.shape)
-                    _write_tensor(w, t, merged, pool, 2 * n_workers, progress)
+            _stream_tensors(w, plans, shards, n_workers, progress)
             w.finish()
         except BaseException:
             w.abort()

@@ -26,13 +26,17 @@ class MergedTensor:
     def n_rows(self) -> int:
         return self.shape[0] if len(self.shape) == 2 else 1
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """float32 rows [start, stop) of the merged 2-D tensor, or the whole 1-D vector."""
+    def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows [start, stop) of the merged 2-D tensor, or the whole 1-D vector.
+        `out`: an optional float32 buffer of exactly that many elements to fill."""
         if len(self.shape) == 1:
-            return self.shards[0].rows(self.meta_name, 0, self.shape[0])
+            return self.shards[0].rows(self.meta_name, 0, self.shape[0], out=out)
+        if len(self.shards) == 1 or self.split_dim is None:
+            return self.shards[0].rows(self.meta_name, start, stop, out=out)
         if self.split_dim == ROW:
             # every shard holds a vertical slice: glue the pieces of the same rows side by side
-            return np.concatenate([s.rows(self.meta_name, start, stop) for s in self.shards], axis=1)
+            dest = None if out is None else out.reshape(stop - start, self.shape[1])
+            return np.concatenate([s.rows(self.meta_name, start, stop) for s in self.shards], axis=1, out=dest)
         if self.split_dim == COLUMN:
             parts, offset = [], 0
             for s in self.shards:
@@ -41,8 +45,10 @@ class MergedTensor:
                 if a < b:
                     parts.append(s.rows(self.meta_name, a - offset, b - offset))
                 offset += n
+            if out is not None:
+                return np.concatenate(parts, axis=0, out=out.reshape(stop - start, self.shape[1]))
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        return self.shards[0].rows(self.meta_name, start, stop)
+        raise AssertionError(f"split_dim {self.split_dim}")
 
 
 def merged_shape(name: str, shapes: list[tuple[int, ...]], split_dim: int | None) -> tuple[int, ...]:

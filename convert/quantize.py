@@ -36,25 +36,30 @@ _TARGET_CHUNK_ELEMENTS = 1 << 20
 # the shared library
 # ---------------------------------------------------------------------------------------------
 
-def _library_names() -> list[str]:
+def _library_names(stem: str = "ggml-base") -> list[str]:
     if sys.platform == "win32":
-        return ["ggml-base.dll", "libggml-base.dll"]
+        return [f"{stem}.dll", f"lib{stem}.dll"]
     if sys.platform == "darwin":
-        return ["libggml-base.dylib", "libggml-base.so"]
-    return ["libggml-base.so"]
+        return [f"lib{stem}.dylib", f"lib{stem}.so"]
+    return [f"lib{stem}.so"]
+
+
+def _load(stem: str) -> ctypes.CDLL:
+    """A ggml library shipped inside the installed llama_cpp package."""
+    spec = importlib.util.find_spec("llama_cpp")  # find, don't import: importing loads libllama
+    if spec is None or spec.origin is None:
+        raise LlamalocalError("llama-cpp-python is not installed; pip install llama-cpp-python==0.3.36")
+    lib_dir = Path(spec.origin).parent / "lib"
+    path = next((lib_dir / n for n in _library_names(stem) if (lib_dir / n).exists()), None)
+    if path is None:
+        raise LlamalocalError(f"no {stem} library in {lib_dir}; reinstall llama-cpp-python==0.3.36")
+    return ctypes.CDLL(str(path))
 
 
 @cache
 def _ggml() -> ctypes.CDLL:
     """libggml-base from the installed llama_cpp package, with argument types declared."""
-    spec = importlib.util.find_spec("llama_cpp")  # find, don't import: importing loads libllama
-    if spec is None or spec.origin is None:
-        raise LlamalocalError("llama-cpp-python is not installed; pip install llama-cpp-python==0.3.36")
-    lib_dir = Path(spec.origin).parent / "lib"
-    path = next((lib_dir / n for n in _library_names() if (lib_dir / n).exists()), None)
-    if path is None:
-        raise LlamalocalError(f"no ggml-base library in {lib_dir}; reinstall llama-cpp-python==0.3.36")
-    lib = ctypes.CDLL(str(path))
+    lib = _load("ggml-base")
 
     i64, size_t, ctype = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int  # enum ggml_type is an int
     # size_t ggml_quantize_chunk(type, const float * src, void * dst, int64 start, int64 nrows,
@@ -138,6 +143,28 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"expected (nrows, ncols) rows, got shape {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@cache
+def _ggml_cpu() -> ctypes.CDLL:
+    """libggml-cpu: its fp16/bf16 -> fp32 row converters use the CPU's vector units."""
+    lib = _load("ggml-cpu")
+    lib.ggml_cpu_init()  # fills the fp16 lookup table the converters use for odd tails
+    for fn in (lib.ggml_cpu_fp16_to_fp32, lib.ggml_cpu_bf16_to_fp32):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    return lib
+
+
+def to_f32(src: np.ndarray, out: np.ndarray, *, bf16: bool = False) -> None:
+    """Widen contiguous fp16 / bf16 (as uint16) / fp32 / fp64 values into float32 `out` (same size)."""
+    if src.size != out.size:
+        raise ValueError(f"{src.size} values into a buffer of {out.size}")
+    if bf16 or src.dtype == np.float16:
+        fn = _ggml_cpu().ggml_cpu_bf16_to_fp32 if bf16 else _ggml_cpu().ggml_cpu_fp16_to_fp32
+        fn(src.ctypes.data, out.ctypes.data, src.size)  # releases the GIL, unlike numpy's scalar cast
+    else:
+        np.copyto(out, src.reshape(out.shape), casting="same_kind")
 
 
 def _all_finite(x: np.ndarray) -> bool:

@@ -128,11 +128,17 @@ def run_tg(llm: Any, batch: TokenBatch, n_gen: int, rng: Any) -> float:
     if add_bos:
         tokens[0] = bos
     _clear(llm)
+    batch.set(tokens[:1], 0, True)
+    b, ctx, decode, sync = batch.batch, llm.ctx, llama_cpp.llama_decode, llama_cpp.llama_synchronize
+    toks = tokens.tolist()
     t0 = time.perf_counter()
     for pos in range(n_gen):
-        batch.set(tokens[pos:pos + 1], pos, True)
-        batch.decode(llm)
-        llama_cpp.llama_synchronize(llm.ctx)
+        # plain ctypes stores: per token, Python's overhead is counted against the speed
+        b.token[0] = toks[pos]
+        b.pos[0] = pos
+        if decode(ctx, b) != 0:
+            batch.decode(llm)  # raises with the error message
+        sync(ctx)
     return time.perf_counter() - t0
 
 

@@ -160,3 +160,18 @@ def test_overflow_to_f16_infinity_is_refused():
     with pytest.raises(ValueError, match="F16"):
         qz.quantize_rows(x, Q.F16)
     assert qz.quantize_rows(x, Q.F16, validate=False).view(np.float16)[256 + 3] == np.inf
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 4099])
+def test_to_f32_widens_exactly_like_numpy(n):
+    """ggml's vectorised fp16/bf16 -> fp32 (and its scalar tail) agrees with numpy bit for bit."""
+    rng = np.random.default_rng(n)
+    bits = rng.integers(0, 2**16, n, dtype=np.uint16)
+    h = bits.view(np.float16)
+    out = np.empty(n, np.float32)
+    qz.to_f32(h, out)
+    want = h.astype(np.float32)
+    assert np.array_equal(out.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.isnan(out[np.isnan(want)]).all()
+    qz.to_f32(bits, out, bf16=True)
+    assert np.array_equal(out.view(np.uint32), bits.astype(np.uint32) << 16)
