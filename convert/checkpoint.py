@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import mmap
+import os
 import pickle
 import struct
 import zipfile
@@ -468,14 +469,17 @@ def _not_a_zip(path: Path, head: bytes) -> CheckpointError:
                            "expected Meta's consolidated.NN.pth")
 
 
-def _data_offset(path: Path, mm: mmap.mmap, info: zipfile.ZipInfo) -> int:
+def _data_offset(path: Path, mm: mmap.mmap, info: zipfile.ZipInfo, fd: int) -> int:
     """Where a stored record's bytes start: after its local header, whose extra field (torch pads
     it to align data to 64 bytes) differs from the central directory's."""
     h = info.header_offset
-    if h + 30 > len(mm) or mm[h:h + 4] != b"PK\x03\x04":
+    # read with pread, not through the map: faulting the map here would pull the kernel's readahead
+    # window around every header into this process's resident memory
+    header = os.pread(fd, 30, h) if h + 30 <= len(mm) else b""
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path} is truncated or corrupt: no local header for {info.filename}; "
                               "download it again and check it against checklist.chk")
-    name_len, extra_len = struct.unpack_from("<HH", mm, h + 26)
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
     return h + 30 + name_len + extra_len
 
 
@@ -520,14 +524,14 @@ def _open(path: Path, f: BinaryIO) -> Checkpoint:
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # holds its own handle on the file
     try:
         with zf:
-            tensors = _read_index(path, zf, mm)
+            tensors = _read_index(path, zf, mm, f.fileno())
     except BaseException:
         mm.close()
         raise
     return Checkpoint(path, mm, tensors)
 
 
-def _read_index(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap) -> dict[str, TensorInfo]:
+def _read_index(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap, fd: int) -> dict[str, TensorInfo]:
     infos = {i.filename: i for i in zf.infolist()}
     pkl_name = _find_pickle(path, list(infos))
     prefix = pkl_name[: -len("data.pkl")]
@@ -552,7 +556,7 @@ def _read_index(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap) -> dict[str, Ten
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{path}: storage data/{key} is compressed, which torch.save never does; "
                                   "re-save it with torch.save")
-        start = _data_offset(path, mm, info)
+        start = _data_offset(path, mm, info, fd)
         if start + info.file_size > len(mm):
             raise CheckpointError(f"{path} is truncated: storage data/{key} ends at byte "
                                   f"{start + info.file_size} of a {len(mm)}-byte file; download it again")
