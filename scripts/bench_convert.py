@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-PEER_VERSION = "0.3.36"
+from peer_tools import llama_cpp_source  # noqa: E402
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
@@ -53,27 +52,12 @@ def settle_cache(files: list[Path], cold: bool) -> str:
     return "warm page cache"
 
 
-def peer_source(cache: Path, sdist: Path | None) -> Path:
-    """llama.cpp's sources from the llama-cpp-python sdist (downloaded from PyPI once, then cached)."""
-    root = cache / f"llama_cpp_python-{PEER_VERSION}"
-    if (root / "vendor/llama.cpp/examples/convert_legacy_llama.py").is_file():
-        return root / "vendor/llama.cpp"
-    cache.mkdir(parents=True, exist_ok=True)
-    if sdist is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
-                        f"llama-cpp-python=={PEER_VERSION}"], check=True)
-        sdist = cache / f"llama_cpp_python-{PEER_VERSION}.tar.gz"
-    with tarfile.open(sdist) as tf:
-        tf.extractall(cache, filter="data")
-    return root / "vendor/llama.cpp"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamalocal-bench-convert"))
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "llamalocal-peer")
-    ap.add_argument("--sdist", type=Path, default=None, help="an already downloaded llama-cpp-python sdist")
+    ap.add_argument("--sdist", type=Path, default=None,
+                    help="an already downloaded llama-cpp-python sdist (tarball or folder); default: fetched once by pip")
     ap.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/llama-tokenizer/tokenizer.model",
                     help="a 32000-piece tokenizer.model (else one is trained, with a smaller vocab)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -84,7 +68,7 @@ def main() -> None:
     from convert.params import ModelParams
     from convert.sample import SampleSpec, build_sample
 
-    llama_cpp_src = peer_source(a.cache, a.sdist)
+    llama_cpp_src = llama_cpp_source(a.sdist)
     a.work.mkdir(parents=True, exist_ok=True)
     model = a.work / "7B"
     p = ModelParams(dim=4096, n_layers=a.layers, n_heads=32, multiple_of=256, norm_eps=1e-6)

@@ -222,6 +222,9 @@ class Pty:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
             try:
+                # a shell that starts a job in the background (as CI may) leaves SIGINT ignored, and an
+                # ignored signal stays ignored across exec: give the child a terminal's default
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execvpe(argv[0], argv, env)
             finally:
                 os._exit(127)

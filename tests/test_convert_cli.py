@@ -161,7 +161,9 @@ def test_ctrl_c_exit_code_130_and_no_file(sample, tmp_path):
     big = build_sample(tmp_path / "big", "m", SampleSpec(params=p, vocab_size=400, dtype="f32"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "llamalocal", "convert", str(big), "--q2_k", "--no-verify"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                            # SIGINT may be inherited ignored (a background job in CI): restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list(big.glob(".*partial")):
         time.sleep(0.02)
