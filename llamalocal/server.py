@@ -223,8 +223,9 @@ class RequestGate:
     """
 
     def __init__(self, app: Any, *, check: Callable[[str, bytes], bytes], api_key: str | None,
-                 parallel: int) -> None:
+                 parallel: int, stopping: Callable[[], bool] = lambda: False) -> None:
         self.app = app
+        self.stopping = stopping
         self.check = check
         self.api_key = api_key
         self.parallel = parallel
@@ -297,6 +298,10 @@ class RequestGate:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
+            if self.stopping():
+                # shutting down: the stock stream loop polls for a disconnect after every chunk, so
+                # this ends open streams at once, cleanly, instead of cancelling them after a timeout
+                return {"type": "http.disconnect"}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -324,7 +329,8 @@ async def _reply(problem: RequestProblem, scope: dict, receive: Callable, send: 
 # ---------------------------------------------------------------------------------------------
 
 def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | None = None,
-              parallel: int = DEFAULT_PARALLEL, formatter: Any = None) -> Any:
+              parallel: int = DEFAULT_PARALLEL, formatter: Any = None,
+              stopping: Callable[[], bool] = lambda: False) -> Any:
     """The stock llama_cpp.server routes over an already loaded `llm`, behind our RequestGate.
 
     Args:
@@ -334,6 +340,7 @@ def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | 
         api_key: when set, every /v1 and /extras request needs `Authorization: Bearer KEY`.
         parallel: requests admitted at once; one generates, the others wait in arrival order.
         formatter: chat formatter; default `choose_chat_formatter(llm, path)`.
+        stopping: tells whether the server is shutting down (open streams are then ended).
     Returns:
         The ASGI app (FastAPI).
     """
@@ -365,7 +372,7 @@ def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | 
     def check(route: str, body: bytes) -> bytes:
         return prepare_request(route, body, llm, formatter)
 
-    app.add_middleware(RequestGate, check=check, api_key=api_key, parallel=parallel)
+    app.add_middleware(RequestGate, check=check, api_key=api_key, parallel=parallel, stopping=stopping)
     return app
 
 
@@ -418,8 +425,10 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         if loaded.plan is None:
             say(f"placement: not planned (the runner returned no plan); model {loaded.path}")
         fmt_name, formatter = choose_chat_formatter(loaded.llm, Path(loaded.path), cfg.template)
+        servers: list[Any] = []  # the uvicorn.Server, once made: its should_exit is set by SIGINT/SIGTERM
         app = build_app(loaded.llm, Path(loaded.path), alias=cfg.alias, api_key=cfg.api_key,
-                        parallel=cfg.parallel, formatter=formatter)
+                        parallel=cfg.parallel, formatter=formatter,
+                        stopping=lambda: bool(servers) and servers[0].should_exit)
         sock = bind_socket(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -438,6 +447,7 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         server = uvicorn.Server(uvicorn.Config(app, log_config=log_config, access_log=cfg.access_log,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                                log_level="info"))
+        servers.append(server)
         # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises the signal once it has shut
         # down: SIGTERM would kill us before the model is freed, and SIGINT would land in
         # asyncio's own handler mid-teardown (a traceback). Both land here instead.

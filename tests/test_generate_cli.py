@@ -46,7 +46,9 @@ def test_greedy_stdout_is_the_completion_alone_and_deterministic(q8):
 
     direct = llama_cpp.Llama(model_path=str(q8), n_ctx=256, n_threads=1, verbose=False)
     ref = direct(PROMPT, max_tokens=32, temperature=0)["choices"][0]["text"]
-    assert a.stdout == ref  # nothing but the completion: no plan, no timing, no added newline
+    # nothing but the completion: no plan, no timing, no added newline. (Random-weight sample models
+    # emit bytes that are not UTF-8, which llama-cpp-python drops and we print as U+FFFD.)
+    assert a.stdout.replace("\ufffd", "") == ref.replace("\ufffd", "")
 
     # the plan and the timing went to stderr
     assert "layers" in a.stderr and "tokens/s" in a.stderr

@@ -63,7 +63,10 @@ def test_greedy_is_deterministic_and_equals_direct_decodes(converted, model, pre
 
     direct = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
     ref = direct(PROMPT, max_tokens=40, temperature=0)["choices"][0]["text"]
-    assert first == ref
+    if "\ufffd" not in first:
+        # (random-weight sample models emit byte tokens that are not UTF-8; llama-cpp-python's text
+        # then drops and regroups bytes its own way, so only the token-level check below applies)
+        assert first == ref
 
     by_hand = _argmax_decode(path, PROMPT, 40)
     assert first == direct.detokenize(by_hand).decode("utf-8", "replace")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -74,7 +76,18 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     cfg = ServeConfig(host=host, port=port, api_key=api_key, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       threads=threads, force=force, parallel=parallel, alias=alias, template=template,
                       access_log=access_log)
-    run_server(path, cfg, log=lambda text: click.echo(text, err=True))
+    code = 0
+    try:
+        run_server(path, cfg, log=lambda text: click.echo(text, err=True))
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted.", err=True)
+        code = 130
+    # A request cut off by the shutdown can leave llama.cpp state referenced from an abandoned worker
+    # thread, and freeing that during interpreter teardown can crash. Everything is closed and
+    # flushed by now: leave at once and let the OS reclaim the rest.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 COMMANDS = [serve]
