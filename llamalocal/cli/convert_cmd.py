@@ -38,6 +38,14 @@ class _TqdmProgress:
             self.bar = None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _preset_flags(f):
     for name in reversed(PRESET_FLAGS):
         f = click.option(f"--{name}", "preset_flag", flag_value=name, help=None)(f)
@@ -99,8 +107,8 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
         for w in result.warnings:
             click.echo(f"Warning: {w}", err=True)
         click.echo(
-            f"Wrote {result.path} ({result.preset}): {result.n_params / 1e9:.2f}B parameters, "
-            f"{result.file_bytes / 2**30:.2f} GiB, {result.bits_per_weight:.2f} bits/weight, "
+            f"Wrote {result.path} ({result.preset}): {_count(result.n_params)} parameters, "
+            f"{_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
             f"{result.seconds:.1f} s", err=True)
 
 
