@@ -203,3 +203,15 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     print(f"peak RSS: {rss_small / 2**20:.0f} MiB ({size(small) / 2**20:.0f} MiB model), "
           f"{rss_big / 2**20:.0f} MiB ({size(big) / 2**20:.0f} MiB model)")
     assert rss_big < rss_small * 1.15 + 8 * 2**20, (rss_small / 2**20, rss_big / 2**20, size(big) / 2**20)
+
+
+def test_not_enough_disk_is_refused_before_writing(sample, tmp_path, monkeypatch):
+    import shutil as sh
+
+    import convert.convert as cc
+
+    real = sh.disk_usage
+    monkeypatch.setattr(cc.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    code, out = run("convert", sample, "--q8_0", "--quiet", "--no-verify", "-o", tmp_path / "o.gguf")
+    assert code == 1 and "GiB free" in out and "needs about" in out
+    assert list(tmp_path.glob("*o.gguf*")) == []
