@@ -10,7 +10,6 @@ nonsense, but every file is exactly what a real download looks like.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.checklist import md5_file
 from convert.params import ModelParams
 from convert.tensor_names import GLOBAL_TENSORS, LAYER_TENSORS, meta_names
 from convert.torch_save import save_state_dict
@@ -87,16 +87,8 @@ def train_tokenizer(vocab_size: int = 512) -> bytes:
     return out.getvalue()
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_checklist(folder: Path, names: list[str], listing: str) -> None:
-    (folder / listing).write_text("".join(f"{_md5(folder / n)}  {n}\n" for n in names))
+    (folder / listing).write_text("".join(f"{md5_file(folder / n)}  {n}\n" for n in names))
 
 
 def _shard(meta_name: str, w: np.ndarray, n_shards: int) -> list[np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -61,10 +60,6 @@ class GpuLayersType(click.ParamType):
 
 SIZE = SizeType()
 GPU_LAYERS = GpuLayersType()
-
-
-def default_models_dir() -> Path:
-    return Path(os.environ.get("LLAMALOCAL_MODELS") or ".")
 
 
 def models_dir_option(f: Callable) -> Callable:
