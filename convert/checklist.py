@@ -1,16 +1,22 @@
 """Verifying Meta's `checklist.chk` / `tokenizer_checklist.chk` (md5sum format) before converting.
 
 Each line is `<md5>  <name>` (or `<md5> *<name>`, md5sum's binary mode), names relative to the
-file's folder. Files are hashed in 8 MiB chunks, so memory stays flat for 16 GB shards.
+file's folder. Files are read in 8 MiB chunks past the page cache (direct_io), the next chunk read
+while this one is hashed, so memory stays flat for 16 GB shards; shards are hashed in parallel,
+one per core (md5 itself is serial).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from convert.direct_io import BlockReader, aligned_empty
 from llamalocal.errors import BadInputError, ChecksumError
 
 CHUNK = 8 * 2**20
@@ -39,19 +45,37 @@ def read_checklist(path: Path) -> dict[str, str]:
     return sums
 
 
-def md5_file(path: Path, progress: Callable[[int], object] | None = None) -> str:
+class Cancelled(Exception):
+    """Hashing stopped because the caller set its `cancel` event."""
+
+
+def md5_file(path: Path, progress: Callable[[int], object] | None = None,
+             stop: Callable[[], bool] | None = None) -> str:
+    """The file's md5 as hex, read once in CHUNK-sized pieces; `stop()` turning true between
+    chunks ends it with Cancelled."""
     h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    size = os.stat(path).st_size
+    buffers = [aligned_empty(BlockReader.buffer_size(CHUNK)) for _ in range(2)]
+    with BlockReader(path) as reader, ThreadPoolExecutor(1) as ahead:
+        offset = 0
+        nxt = ahead.submit(reader.read, 0, min(CHUNK, size), buffers[0]) if size else None
+        while nxt is not None:
+            if stop is not None and stop():
+                nxt.result()  # let the read in flight finish before its buffer goes away
+                raise Cancelled(str(path))
+            chunk = nxt.result()
+            offset += chunk.size
+            nxt = (ahead.submit(reader.read, offset, min(CHUNK, size - offset), buffers[offset // CHUNK % 2])
+                   if offset < size else None)
+            h.update(chunk)  # releases the GIL: the read of the next chunk goes on meanwhile
             if progress is not None:
-                progress(len(chunk))
+                progress(chunk.size)
     return h.hexdigest()
 
 
 def verify_checklist(directory: str | Path, files: list[str] | None = None,
                      progress: Callable[[int], object] | None = None,
-                     checklist: str = "checklist.chk") -> list[str]:
+                     checklist: str = "checklist.chk", cancel: threading.Event | None = None) -> list[str]:
     """Check files in `directory` against the md5 sums in `directory/checklist`.
 
     Args:
@@ -59,6 +83,7 @@ def verify_checklist(directory: str | Path, files: list[str] | None = None,
         files: only these names (each must be listed); default every listed file.
         progress: called with the byte count of each chunk hashed, for a progress bar.
         checklist: the list's file name (`tokenizer_checklist.chk` beside tokenizer.model).
+        cancel: set it from another thread to stop hashing (raises Cancelled).
     Returns:
         The names verified, in checklist order.
     Raises:
@@ -80,9 +105,29 @@ def verify_checklist(directory: str | Path, files: list[str] | None = None,
     if missing:
         raise BadInputError(f"{directory}: {', '.join(missing)} listed in {checklist} but missing; "
                             "download the missing files")
-    for name in names:
-        got = md5_file(directory / name, progress)
+    lock = threading.Lock()
+
+    def report(n: int) -> None:
+        with lock:
+            progress(n)  # type: ignore[misc]
+
+    halt = threading.Event()  # one mismatch stops hashing the other files
+
+    def stopped() -> bool:
+        return halt.is_set() or (cancel is not None and cancel.is_set())
+
+    def check(name: str) -> None:
+        got = md5_file(directory / name, report if progress is not None else None, stopped)
         if got != sums[name]:
             raise ChecksumError(f"{directory / name}: md5 {got} does not match {checklist} ({sums[name]}); "
                                 "the file is damaged or incomplete, download it again")
+
+    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        try:
+            for done in as_completed([pool.submit(check, n) for n in names]):
+                done.result()  # the first mismatch found ends it
+        except BaseException:
+            halt.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return names

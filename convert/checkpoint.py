@@ -9,8 +9,9 @@ A torch>=1.6 `torch.save` file is an uncompressed zip:
 The pickle is untrusted input: it is read by a restricted unpickler that resolves only the handful
 of names a weight file needs, each to a harmless stand-in defined here (nothing named in the file is
 ever imported or called), and refuses the opcodes that build or mutate arbitrary objects. Storages
-are never read into memory: the file is memory-mapped once and tensors are numpy views on it, read a
-block of rows at a time, with the pages given back to the OS after each block.
+are never read into memory whole: a tensor is read a block of rows at a time, either into a reused
+buffer past the page cache (`read_rows`, the converter's path) or through a memory map whose pages
+are given back to the OS after each block (`rows`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from convert.direct_io import BlockReader
 from llamalocal.errors import CheckpointError, UnsafePickleError
 
 BF16 = "bf16"  # numpy has no bfloat16: bf16 tensors are tagged and read as uint16
@@ -346,16 +348,19 @@ def _page_down(x: int) -> int:
 
 
 class Checkpoint:
-    """An open `torch.save` file: `tensors` in file order, data read through one read-only mmap.
+    """An open `torch.save` file: `tensors` in file order, their data read by byte range.
 
-    Use as a context manager. `rows()` copies a block out as float32 and gives its pages back;
-    `raw()` is a zero-copy view that must be dropped before `close()` frees the map.
+    Use as a context manager. `read_rows()` streams a block of stored values into a caller's
+    buffer (the converter's path); `rows()` copies a block out of a read-only mmap as float32 and
+    gives its pages back; `raw()` is a zero-copy view that must be dropped before `close()` frees
+    the map.
     """
 
     def __init__(self, path: Path, mm: mmap.mmap, tensors: dict[str, TensorInfo]) -> None:
         self.path = path
         self._mm: mmap.mmap | None = mm
         self.tensors = tensors
+        self._reader: BlockReader | None = BlockReader(path)
 
     @property
     def nbytes(self) -> int:
@@ -409,22 +414,33 @@ class Checkpoint:
         self._release_bytes(offset, count * t.itemsize)
         return out.reshape(shape)
 
+    def read_size(self, name: str, start: int = 0, stop: int | None = None) -> int:
+        """Bytes of buffer `read_rows` needs for rows [start, stop)."""
+        t = self._info(name)
+        _, count, _ = self._span(t, start, stop)
+        return BlockReader.buffer_size(count * t.itemsize)
+
+    def read_rows(self, name: str, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) in their stored dtype (bf16 as uint16), read into `buf` (from
+        `direct_io.aligned_empty`, at least `read_size` bytes) around the page cache: streaming
+        a checkpoint once should neither fill the cache nor evict what the user had in it."""
+        t = self._info(name)
+        offset, count, n = self._span(t, start, stop)
+        reader = self._reader
+        if reader is None:
+            raise ValueError(f"{self.path}: checkpoint is closed")
+        try:
+            data = reader.read(offset, count * t.itemsize, buf)
+        except EOFError as e:
+            raise CheckpointError(f"{self.path} is truncated ({e}); download it again") from None
+        return data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
+
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Give the pages of rows [start, stop) back to the OS (after using `raw()` on them).
         The data stays readable: touching it again reads it back from the file."""
         t = self._info(name)
         offset, count, _ = self._span(t, start, stop)
         self._release_bytes(offset, count * t.itemsize)
-
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading tensor `name` from disk now (MADV_WILLNEED), so the read
-        overlaps with work on the tensor before it. Costs no resident memory until touched."""
-        t = self._info(name)
-        mm = self._mm
-        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED") or t.nbytes <= 0:
-            return
-        start = _page_down(t.offset)
-        mm.madvise(mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
 
     def _release_bytes(self, offset: int, length: int) -> None:
         mm = self._mm
@@ -436,6 +452,9 @@ class Checkpoint:
         mm.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         mm, self._mm = self._mm, None
         if mm is not None:
             # BufferError: a caller still holds a raw() view; the map is unmapped when that view dies

@@ -12,12 +12,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Full, Queue
+from queue import Empty, Queue
 from typing import Protocol
 
 import gguf
@@ -26,18 +26,25 @@ import numpy as np
 from convert import presets
 from convert.checklist import read_checklist, verify_checklist
 from convert.checkpoint import open_checkpoint
+from convert.direct_io import aligned_empty
 from convert.gguf_out import StreamingGGUFWriter
-from convert.merge import MergedTensor, check_replicated, merged_shape
+from convert.merge import ShardSlice, blocks, check_replicated, merged_shape
 from convert.params import ModelParams, load_params
-from convert.quantize import quantize_rows, quantized_nbytes
+from convert.quantize import quantize_block, quantized_nbytes
 from convert.tensor_names import SKIPPED, lookup, meta_names
 from convert.tokenizer import Vocab, add_to_gguf, find_tokenizer, load_vocab
-from llamalocal.errors import BadInputError, CheckpointError, DiskSpaceError, OutputExistsError
+from llamalocal.errors import (
+    BadInputError,
+    CheckpointError,
+    ChecksumError,
+    DiskSpaceError,
+    OutputExistsError,
+)
 
 SHARD_GLOB = "consolidated.*.pth"
 CHECKLIST = "checklist.chk"
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
-BLOCK_BYTES = 16 * 1024 * 1024  # f32 rows handed to one worker at a time
+BLOCK_ELEMENTS = 4 * 2**20  # values read and handed to a worker at a time (8 MiB of fp16)
 DISK_MARGIN = 64 * 1024 * 1024
 
 
@@ -183,76 +190,141 @@ def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset
     add_to_gguf(g, vocab)
 
 
-def _blocks(t: TensorPlan) -> Iterator[tuple[int, int]]:
-    if len(t.shape) == 1:
-        yield 0, 1
-        return
-    rows, cols = t.shape
-    step = max(1, BLOCK_BYTES // (cols * 4))
-    for a in range(0, rows, step):
-        yield a, min(rows, a + step)
+class _Slot:
+    """Buffers for one block in flight: its stored bytes as read, and its quantized bytes.
+    A fixed set of slots is reused for the whole model, so memory is touched once."""
+
+    def __init__(self) -> None:
+        self.raw = aligned_empty(0)
+        self.out = aligned_empty(0)
+
+    def read(self, t: TensorPlan, shards: list, slices: list[ShardSlice]) -> list[tuple[np.ndarray, bool]]:
+        sizes = [shards[s.shard].read_size(t.meta_name, s.start, s.stop) for s in slices]
+        if self.raw.size < sum(sizes):
+            self.raw = aligned_empty(sum(sizes))
+        parts, at = [], 0
+        for s, size in zip(slices, sizes, strict=True):
+            shard = shards[s.shard]
+            values = shard.read_rows(t.meta_name, s.start, s.stop, self.raw[at:at + size])
+            parts.append((values.reshape(s.stop - s.start, -1) if values.ndim == 2 else values.reshape(1, -1),
+                          shard.tensors[t.meta_name].dtype_name == "bf16"))
+            at += size  # sizes are whole pages, so every part starts aligned
+        return parts
+
+    def output(self, nbytes: int) -> np.ndarray:
+        if self.out.size < nbytes:
+            self.out = aligned_empty(nbytes)
+        return self.out
 
 
 def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: list, n_workers: int,
-                    progress: Progress) -> None:
-    """Workers read, merge and quantize blocks of rows; one writer thread appends the results in
-    order, so disk writes overlap with the work. At most `window` blocks exist at any time."""
-    window = 2 * n_workers + 2
-    queue: Queue = Queue(maxsize=window)
+                    progress: Progress, check: Callable[[], None] = lambda: None) -> None:
+    """This thread reads blocks of rows (shard slices) ahead into a ring of slots; workers widen
+    and quantize them; one writer thread appends the results in order and hands the slots back.
+    Reading, quantizing and writing all overlap, and at most `len(slots)` blocks exist at once.
+    `check()` runs before each block and may raise to stop the conversion (a failed md5)."""
+    slots: Queue[_Slot] = Queue()
+    for _ in range(2 * n_workers + 2):
+        slots.put(_Slot())
+    pending: Queue = Queue()
     stop = threading.Event()
 
     def write_in_order() -> None:
         while not stop.is_set():
             try:
-                item = queue.get(timeout=0.1)
+                item = pending.get(timeout=0.1)
             except Empty:
                 continue
             if item is None:
                 return
-            name, future = item
-            out = future.result()
-            w.write(name, out)
-            progress.advance(out.nbytes, name)
+            name, future, slot = item
+            data = future.result()
+            w.write(name, data)
+            slots.put(slot)
+            progress.advance(data.nbytes, name)
 
-    buffers = threading.local()  # one float32 block per worker, reused: no fresh pages per block
-
-    def work(t: TensorPlan, merged: MergedTensor, a: int, b: int):
-        n = (b - a) * (t.shape[1] if len(t.shape) == 2 else t.shape[0])
-        buf = getattr(buffers, "x", None)
-        if buf is None or buf.size < n:
-            buf = buffers.x = np.empty(max(n, BLOCK_BYTES // 4), dtype=np.float32)
-        x = merged.rows(a, b, out=buf[:n])
-        out = quantize_rows(x, t.qtype)
-        return out.copy() if t.qtype == gguf.GGMLQuantizationType.F32 else out  # f32 is a view of buf
+    def work(t: TensorPlan, parts: list[tuple[np.ndarray, bool]], slot: _Slot, first_row: int) -> np.ndarray:
+        nbytes = parts[0][0].shape[0] * t.nbytes // (t.shape[0] if len(t.shape) == 2 else 1)
+        try:
+            return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row)
+        except ValueError as e:
+            raise CheckpointError(f"{t.meta_name}: {e}; the checkpoint is damaged, download it again") from None
 
     with ThreadPoolExecutor(n_workers) as pool, ThreadPoolExecutor(1) as writer_pool:
         writer = writer_pool.submit(write_in_order)
 
-        def put(item) -> None:
+        def free_slot() -> _Slot:
             while True:
                 if writer.done():  # the writer failed (disk full, a worker's error): surface it
                     writer.result()
                     raise RuntimeError("writer stopped early")
                 try:
-                    queue.put(item, timeout=0.1)
-                    return
-                except Full:
+                    return slots.get(timeout=0.1)
+                except Empty:
                     continue
 
         try:
-            for i, t in enumerate(plans):
-                if i + 1 < len(plans):  # overlap the next tensor's disk read with this one's work
-                    for s in shards:
-                        s.prefetch(plans[i + 1].meta_name)
-                merged = MergedTensor(t.meta_name, shards, t.split_dim, t.shape)
-                for a, b in _blocks(t):
-                    put((t.gguf_name, pool.submit(work, t, merged, a, b)))
-            put(None)
+            for t in plans:
+                for first_row, slices in blocks(t.meta_name, shards, t.split_dim, t.shape, BLOCK_ELEMENTS):
+                    check()
+                    slot = free_slot()
+                    parts = slot.read(t, shards, slices)
+                    pending.put((t.gguf_name, pool.submit(work, t, parts, slot, first_row), slot))
+            pending.put(None)
             writer.result()
         except BaseException:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+class _SharedProgress:
+    """One bar fed from two threads (md5 hashing and the writer). Counts that arrive before the
+    bar is drawn are held until it is."""
+
+    def __init__(self, target: Progress) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+        self._held = 0
+        self._drawn = False
+
+    def stage(self, name: str, total_bytes: int) -> None:
+        with self._lock:
+            self._target.stage(name, total_bytes)
+            self._drawn = True
+            if self._held:
+                self._target.advance(self._held)
+                self._held = 0
+
+    def advance(self, nbytes: int, label: str = "") -> None:
+        with self._lock:
+            if self._drawn:
+                self._target.advance(nbytes, label)
+            else:
+                self._held += nbytes
+
+
+def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, progress: Progress,
+                     cancel: threading.Event, warnings: list[str]) -> tuple[list[Future], int]:
+    """Start checking checklist.chk and tokenizer_checklist.chk on `pool`, alongside the
+    conversion (the output is published only after every sum matched). Returns the pending
+    checks and the bytes they will hash."""
+    checks, nbytes = [], 0
+    for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
+        if not (folder / listing).is_file():
+            warnings.append(f"no {listing} in {folder}: file integrity not verified")
+            continue
+        listed = read_checklist(folder / listing)  # a malformed list is an error now, not later
+        nbytes += sum((folder / f).stat().st_size for f in listed if (folder / f).is_file())
+        checks.append(pool.submit(verify_checklist, folder, progress=progress.advance, checklist=listing,
+                                  cancel=cancel))
+    return checks, nbytes
+
+
+def _raise_failed(checks: list[Future]) -> None:
+    for c in checks:
+        if c.done() and c.exception() is not None:
+            raise c.exception()  # type: ignore[misc]
 
 
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
@@ -265,7 +337,8 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         preset: quantization preset name (see convert.presets), e.g. "q4_0".
         outfile: output path; default MODEL_DIR/ggml-model-<preset>.gguf.
         force: overwrite an existing output.
-        verify: check checklist.chk / tokenizer_checklist.chk md5 sums first.
+        verify: check checklist.chk / tokenizer_checklist.chk md5 sums; they are hashed alongside
+            the conversion and the output is published only if every sum matches.
         n_ctx: context length to record; default Meta's (2048 LLaMA-1, 4096 Llama-2, 16384 Code Llama).
         threads: worker threads; default every core.
         progress: receives stages and byte counts.
@@ -289,51 +362,57 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         raise BadInputError(f"{out} is a directory; --outfile takes a file name")
     if not out.parent.is_dir():
         raise BadInputError(f"{out.parent} does not exist; create it or choose another --outfile")
+    if not os.access(out.parent, os.W_OK):
+        raise BadInputError(f"cannot write in {out.parent} (permission denied); choose another --outfile")
 
     p = load_params(model_dir)
     files = shard_files(model_dir)
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
-    if verify:
-        for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
-            if (folder / listing).is_file():
-                listed = read_checklist(folder / listing)
-                progress.stage(f"verifying {listing}", sum((folder / f).stat().st_size for f in listed
-                                                           if (folder / f).is_file()))
-                verify_checklist(folder, progress=progress.advance, checklist=listing)
-            else:
-                warnings.append(f"no {listing} in {folder}: file integrity not verified")
-    vocab = load_vocab(tok_path)
-
-    with ExitStack() as stack:
-        shards = [stack.enter_context(open_checkpoint(f)) for f in files]
-        plans, n_vocab = _plan_tensors(shards, p, pre)
-        if len(vocab) > n_vocab:
-            raise BadInputError(f"{tok_path} has {len(vocab)} tokens but the model's embedding has {n_vocab}; "
-                                "the tokenizer belongs to another model")
-        vocab = vocab.padded(n_vocab)
-        for t in plans:
-            if t.split_dim is None and len(shards) > 1:
-                check_replicated(t.meta_name, shards)
-
-        total = sum(t.nbytes for t in plans)
-        free = shutil.disk_usage(out.parent).free
-        if free < total + DISK_MARGIN:
-            raise DiskSpaceError(f"{out.parent} has {free / 2**30:.1f} GiB free; the {pre.name} file needs about "
-                                 f"{total / 2**30:.1f} GiB. Free some space or choose another --outfile")
-
-        w = StreamingGGUFWriter(out)
-        _write_metadata(w, p, vocab, pre, name or model_dir.resolve().name, n_ctx or p.n_ctx)
-        for t in plans:
-            w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
-        n_workers = threads or os.cpu_count() or 1
+    n_workers = threads or os.cpu_count() or 1
+    shared = _SharedProgress(progress)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(2) as hashers, ExitStack() as stack:
+        stack.callback(cancel.set)  # however this ends, stop hashing first
+        checks, hashed_bytes = (_start_verifying(model_dir, tok_path, hashers, shared, cancel, warnings)
+                                if verify else ([], 0))
         try:
-            w.open()
-            progress.stage(f"writing {out.name}", total)
-            _stream_tensors(w, plans, shards, n_workers, progress)
-            w.finish()
-        except BaseException:
-            w.abort()
+            vocab = load_vocab(tok_path)
+            shards = [stack.enter_context(open_checkpoint(f)) for f in files]
+            plans, n_vocab = _plan_tensors(shards, p, pre)
+            if len(vocab) > n_vocab:
+                raise BadInputError(f"{tok_path} has {len(vocab)} tokens but the model's embedding has {n_vocab}; "
+                                    "the tokenizer belongs to another model")
+            vocab = vocab.padded(n_vocab)
+            for t in plans:
+                if t.split_dim is None and len(shards) > 1:
+                    check_replicated(t.meta_name, shards)
+
+            total = sum(t.nbytes for t in plans)
+            free = shutil.disk_usage(out.parent).free
+            if free < total + DISK_MARGIN:
+                raise DiskSpaceError(f"{out.parent} has {free / 2**30:.1f} GiB free; the {pre.name} file needs "
+                                     f"about {total / 2**30:.1f} GiB. Free some space or choose another --outfile")
+
+            w = StreamingGGUFWriter(out)
+            _write_metadata(w, p, vocab, pre, name or model_dir.resolve().name, n_ctx or p.n_ctx)
+            for t in plans:
+                w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
+            try:
+                w.open()
+                shared.stage(f"{'md5 + ' if checks else ''}writing {out.name}", total + hashed_bytes)
+                _stream_tensors(w, plans, shards, n_workers, shared, check=lambda: _raise_failed(checks))
+                for c in checks:
+                    c.result()  # every md5 matched: only now does the file get its name
+                w.finish()
+            except BaseException:
+                w.abort()
+                raise
+        except BadInputError as e:
+            if not isinstance(e, ChecksumError):
+                for c in checks:  # a damaged download explains any other input error: say that instead
+                    if isinstance(c.exception(), ChecksumError):
+                        raise c.exception() from None  # type: ignore[misc]
             raise
 
     n_params = sum(int(_numel(t.shape)) for t in plans)

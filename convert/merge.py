@@ -1,12 +1,13 @@
 """Model-parallel shards merged back into whole tensors, one block of rows at a time.
 
 Meta's 13B/30B/65B/70B downloads split each weight over 2/4/8 files (see tensor_names for
-which dimension). A MergedTensor never assembles the whole tensor: `rows(a, b)` reads only the
-slices of each shard that rows a..b need.
+which dimension). A merged tensor is never assembled whole: `blocks()` says which slices of which
+shards make up each block of its rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,40 +16,44 @@ from convert.tensor_names import COLUMN, ROW
 from llamalocal.errors import CheckpointError
 
 
-@dataclass
-class MergedTensor:
-    meta_name: str
-    shards: list  # list[convert.checkpoint.Checkpoint], in consolidated.NN order
-    split_dim: int | None
-    shape: tuple[int, ...]
+@dataclass(frozen=True)
+class ShardSlice:
+    """Rows [start, stop) of one shard's piece of a tensor."""
 
-    @property
-    def n_rows(self) -> int:
-        return self.shape[0] if len(self.shape) == 2 else 1
+    shard: int  # index into the shards, consolidated.NN order
+    start: int
+    stop: int
 
-    def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """float32 rows [start, stop) of the merged 2-D tensor, or the whole 1-D vector.
-        `out`: an optional float32 buffer of exactly that many elements to fill."""
-        if len(self.shape) == 1:
-            return self.shards[0].rows(self.meta_name, 0, self.shape[0], out=out)
-        if len(self.shards) == 1 or self.split_dim is None:
-            return self.shards[0].rows(self.meta_name, start, stop, out=out)
-        if self.split_dim == ROW:
-            # every shard holds a vertical slice: glue the pieces of the same rows side by side
-            dest = None if out is None else out.reshape(stop - start, self.shape[1])
-            return np.concatenate([s.rows(self.meta_name, start, stop) for s in self.shards], axis=1, out=dest)
-        if self.split_dim == COLUMN:
-            parts, offset = [], 0
-            for s in self.shards:
-                n = s.tensors[self.meta_name].shape[0]
-                a, b = max(start, offset), min(stop, offset + n)
-                if a < b:
-                    parts.append(s.rows(self.meta_name, a - offset, b - offset))
-                offset += n
-            if out is not None:
-                return np.concatenate(parts, axis=0, out=out.reshape(stop - start, self.shape[1]))
-            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        raise AssertionError(f"split_dim {self.split_dim}")
+
+def blocks(name: str, shards: list, split_dim: int | None, shape: tuple[int, ...],
+           max_elements: int) -> Iterator[tuple[int, list[ShardSlice]]]:
+    """The merged tensor's rows in blocks of at most `max_elements` values (at least one row).
+
+    Yields (first merged row, the shard slices that make up the block, to be glued side by side).
+    A column-parallel block lies inside one shard; a row-parallel block takes the same rows from
+    every shard; a replicated or unsplit tensor is read from consolidated.00 alone. A 1-D tensor
+    is one block.
+    """
+    if len(shape) == 1:
+        yield 0, [ShardSlice(0, 0, shape[0])]
+        return
+    rows, cols = shape
+    step = max(1, max_elements // max(cols, 1))
+    if len(shards) == 1 or split_dim is None:
+        for a in range(0, rows, step):
+            yield a, [ShardSlice(0, a, min(rows, a + step))]
+    elif split_dim == COLUMN:
+        offset = 0
+        for i, s in enumerate(shards):
+            n = s.tensors[name].shape[0]
+            for a in range(0, n, step):
+                yield offset + a, [ShardSlice(i, a, min(n, a + step))]
+            offset += n
+    elif split_dim == ROW:
+        for a in range(0, rows, step):
+            yield a, [ShardSlice(i, a, min(rows, a + step)) for i in range(len(shards))]
+    else:
+        raise AssertionError(f"split_dim {split_dim}")
 
 
 def merged_shape(name: str, shapes: list[tuple[int, ...]], split_dim: int | None) -> tuple[int, ...]:

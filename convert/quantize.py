@@ -6,8 +6,8 @@ library, it binds none of these). With no importance matrix `ggml_quantize_chunk
 `llama_model_quantize` runs per chunk of rows, so the bytes are llama.cpp's bytes. F16 and BF16 go
 through the same call (ggml's own rounding), F32 is copied as is.
 
-Every quantizer works row by row (a block never spans rows), so rows can be split across threads
-in any way without changing a byte; ctypes releases the GIL during the call.
+Every quantizer works row by row (a block never spans rows), so rows can be split into chunks and
+across threads in any way without changing a byte; ctypes releases the GIL during the call.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import sys
-from concurrent.futures import Executor
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -26,10 +26,9 @@ from llamalocal.errors import LlamalocalError
 
 Q = GGMLQuantizationType
 
-# llama.cpp hands each worker at least this many elements (src/llama-quant.cpp, min_chunk_size);
-# we use larger chunks because every chunk also costs a Python-level task.
-_MIN_CHUNK_ELEMENTS = 32 * 512
-_TARGET_CHUNK_ELEMENTS = 1 << 20
+# quantize_block widens this many values at a time: 1 MiB of float32 stays in a core's L2 cache
+# while ggml quantizes it, so the float32 copy of a tensor never travels through main memory
+CACHE_CHUNK_ELEMENTS = 1 << 18
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +167,9 @@ def to_f32(src: np.ndarray, out: np.ndarray, *, bf16: bool = False) -> None:
 
 
 def _all_finite(x: np.ndarray) -> bool:
-    """No NaN or inf in x. A NaN or inf anywhere makes the (vectorised) sum non-finite; only a
-    non-finite sum needs the exact check, which is several times slower."""
-    return bool(np.isfinite(np.sum(x))) or bool(np.isfinite(x).all())
+    """No NaN or inf in x: numpy's max and min propagate NaN, and an infinity is an extreme.
+    Two vectorised reductions, cheaper than materialising np.isfinite(x)."""
+    return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x))) if x.size else True
 
 
 def _quantize_into(x: np.ndarray, qtype: Q, out: np.ndarray, r0: int, r1: int, validate: bool) -> None:
@@ -226,33 +225,71 @@ def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True) -> np.ndarr
     return out
 
 
-def _chunks(nrows: int, ncols: int, n_tasks: int) -> list[tuple[int, int]]:
-    """Row ranges of at least _MIN_CHUNK_ELEMENTS, at most about _TARGET_CHUNK_ELEMENTS, and at
-    least `n_tasks` of them when the tensor is big enough to give every worker some."""
-    per_row = max(ncols, 1)
-    lo = -(-_MIN_CHUNK_ELEMENTS // per_row)
-    hi = max(lo, _TARGET_CHUNK_ELEMENTS // per_row)
-    rows = max(lo, min(hi, -(-nrows // max(n_tasks, 1))))
-    return [(r, min(r + rows, nrows)) for r in range(0, nrows, rows)]
+_scratch = threading.local()  # per-thread float32 work area for quantize_block, reused
 
 
-def quantize_rows_parallel(
-    x: np.ndarray, qtype: Q, pool: Executor | None, *, n_tasks: int = 16, validate: bool = True,
-) -> np.ndarray:
-    """`quantize_rows` with the rows split across `pool`'s threads; the bytes are identical.
+def _scratch_f32(n: int) -> np.ndarray:
+    buf = getattr(_scratch, "f32", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.f32 = np.empty(n, dtype=np.float32)
+    return buf[:n]
+
+
+def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarray, *,
+                   first_row: int = 0) -> np.ndarray:
+    """Widen stored rows to float32 and store them as `qtype`, a cache-sized chunk at a time.
+
+    The bytes are `quantize_rows`' bytes (ggml works row by row); the difference is memory
+    traffic: only the stored values come in and the quantized ones go out, the float32 rows live
+    in a per-thread scratch area small enough to stay in cache.
 
     Args:
-        x, qtype, validate: as for `quantize_rows`.
-        pool: a ThreadPoolExecutor (ctypes releases the GIL); None quantizes on this thread.
-        n_tasks: split into at least this many chunks when the tensor is large enough
-            (a few per worker evens out the load).
+        parts: the block's columns as (values, is_bf16) pairs, each values array (nrows, cols_i)
+            C-contiguous fp16 / fp32 / fp64 / bf16-as-uint16; several parts are glued side by side
+            (a row-parallel tensor's shards), one part is the usual case.
+        qtype: the output type (F32, F16, BF16 or a quantized type needing no imatrix).
+        out: uint8 buffer of at least nrows * row_nbytes(total cols, qtype) bytes.
+        first_row: where the block starts in its tensor, for error messages.
+
+    Returns:
+        The filled front of `out`.
+
+    Raises:
+        ValueError: NaN / inf in the values or in the result, or a row that is not whole blocks.
     """
-    x = _as_rows(x)
-    if qtype == Q.F32 or pool is None:
-        return quantize_rows(x, qtype, validate=validate)
-    out = _output_buffer(x, qtype)
-    futures = [pool.submit(_quantize_into, x, qtype, out, r0, r1, validate)
-               for r0, r1 in _chunks(x.shape[0], x.shape[1], n_tasks)]
-    for f in futures:
-        f.result()  # re-raises a worker's error
-    return out
+    nrows = parts[0][0].shape[0]
+    widths = [p.shape[1] for p, _ in parts]
+    ncols = sum(widths)
+    row_size = row_nbytes(ncols, qtype)
+    if out.size < nrows * row_size:
+        raise ValueError(f"output buffer of {out.size} bytes for {nrows} rows of {row_size}")
+    if qtype != Q.F32:
+        _prepare(qtype)
+    lib = _ggml()
+    step = max(1, CACHE_CHUNK_ELEMENTS // ncols)
+    work = _scratch_f32(step * ncols * (2 if len(parts) > 1 else 1))
+    for r0 in range(0, nrows, step):
+        r1 = min(nrows, r0 + step)
+        k = r1 - r0
+        dst = out[r0 * row_size:r1 * row_size]
+        x = (dst.view(np.float32) if qtype == Q.F32 else work[:k * ncols]).reshape(k, ncols)
+        if len(parts) == 1:
+            to_f32(parts[0][0][r0:r1], x, bf16=parts[0][1])
+        else:
+            c = 0
+            for (p, bf16), width in zip(parts, widths, strict=True):
+                piece = work[step * ncols:step * ncols + k * width].reshape(k, width)
+                to_f32(p[r0:r1], piece, bf16=bf16)
+                x[:, c:c + width] = piece
+                c += width
+        rows = f"rows {first_row + r0}..{first_row + r1 - 1}"
+        if not _all_finite(x):
+            raise ValueError(f"{rows} hold NaN or infinite values")
+        if qtype == Q.F32:
+            continue
+        n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, k, ncols, None)
+        if n != k * row_size:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {k * row_size}")
+        if not lib.ggml_validate_row_data(int(qtype), dst.ctypes.data, n):
+            raise ValueError(f"{rows} overflow to infinity or NaN when stored as {qtype.name}")
+    return out[:nrows * row_size]

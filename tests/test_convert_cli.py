@@ -122,6 +122,23 @@ def test_unknown_tensor_names(sample, tmp_path):
     _expect_bad(sample, "unknown tensor", "--no-verify")
 
 
+@pytest.mark.parametrize("tensor", ["layers.1.feed_forward.w2.weight", "output.weight"])
+def test_nan_weight_names_the_tensor(sample, tensor):
+    """A damaged weight (NaN) in the second shard of a row- or column-parallel tensor is an input
+    error naming the tensor, not a traceback or a silently broken file."""
+    import numpy as np
+
+    from convert.checkpoint import open_checkpoint
+    from convert.torch_save import save_state_dict
+
+    f = sample / "consolidated.01.pth"
+    with open_checkpoint(f) as ck:
+        sd = {n: ck.rows(n, 0, info.shape[0]) for n, info in ck.tensors.items()}
+    sd[tensor][-1, 3] = np.nan
+    save_state_dict(f, sd, dtype="f16")
+    _expect_bad(sample, f"{tensor}: rows", "--no-verify")
+
+
 def test_malicious_pickle_is_refused_and_never_runs(sample, tmp_path):
     from convert.torch_save import write_raw_checkpoint
 
@@ -138,15 +155,15 @@ def test_no_partial_file_when_interrupted(sample, tmp_path, monkeypatch):
     import convert.convert as cc
 
     calls = {"n": 0}
-    real = cc.quantize_rows
+    real = cc.quantize_block
 
-    def failing(x, qtype):
+    def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(x, qtype)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(cc, "quantize_rows", failing)
+    monkeypatch.setattr(cc, "quantize_block", failing)
     with pytest.raises(KeyboardInterrupt):
         cc.convert(sample, "q8_0", tmp_path / "out.gguf", verify=False, threads=1)
     assert list(tmp_path.glob("*out.gguf*")) == []
@@ -215,3 +232,68 @@ def test_not_enough_disk_is_refused_before_writing(sample, tmp_path, monkeypatch
     code, out = run("convert", sample, "--q8_0", "--quiet", "--no-verify", "-o", tmp_path / "o.gguf")
     assert code == 1 and "GiB free" in out and "needs about" in out
     assert list(tmp_path.glob("*o.gguf*")) == []
+
+
+def test_damage_that_breaks_the_weights_is_reported_as_the_md5_mismatch(sample):
+    """With verification on, a shard damaged so that converting it also fails (here: a NaN) is
+    reported as what it is, a download whose md5 does not match, naming the file."""
+    import numpy as np
+
+    from convert.checkpoint import open_checkpoint
+    from convert.torch_save import save_state_dict
+
+    f = sample / "consolidated.01.pth"
+    with open_checkpoint(f) as ck:
+        sd = {n: ck.rows(n, 0, info.shape[0]) for n, info in ck.tensors.items()}
+    sd["output.weight"][0, 0] = np.nan
+    save_state_dict(f, sd, dtype="f16")
+    _expect_bad(sample, "consolidated.01.pth: md5")
+
+
+def test_disk_filling_up_mid_write_is_one_line_and_leaves_nothing(sample, tmp_path, monkeypatch):
+    import errno
+
+    calls = {"n": 0}
+
+    def full(fd, data, offset):  # the header went through; the tensor data does not fit
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    code, out = run("convert", sample, "--f32", "--quiet", "--no-verify", "-o", tmp_path / "o.gguf")
+    assert calls["n"] >= 1, "the tensor data was never written"
+    assert code == 1 and "filled up" in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) == 1
+    assert list(tmp_path.glob("*o.gguf*")) == []
+
+
+def test_unwritable_output_folder_is_refused_first(sample, tmp_path, monkeypatch):
+    import convert.convert as cc
+
+    monkeypatch.setattr(cc.os, "access", lambda p, mode: False)
+    code, out = run("convert", sample, "--q8_0", "--quiet", "-o", tmp_path / "o.gguf")
+    assert code == 2 and "permission denied" in out, out
+
+
+def test_one_progress_bar_counts_md5_and_output_bytes(sample, tmp_path):
+    """md5 hashing runs alongside the conversion; the single bar's total is the bytes hashed plus
+    the bytes written, and it ends exactly full."""
+    from convert.convert import convert
+
+    class Recorder:
+        def __init__(self):
+            self.stages, self.done = [], 0
+
+        def stage(self, name, total_bytes):
+            self.stages.append((name, total_bytes))
+
+        def advance(self, nbytes, label=""):
+            self.done += nbytes
+
+    rec = Recorder()
+    r = convert(sample, "q8_0", tmp_path / "o.gguf", progress=rec)
+    hashed = sum((sample / f).stat().st_size for f in ["consolidated.00.pth", "consolidated.01.pth", "params.json"])
+    hashed += (sample.parent / "tokenizer.model").stat().st_size
+    written = sum(t.nbytes for t in r.tensors)
+    assert rec.stages == [("md5 + writing o.gguf", hashed + written)]
+    assert rec.done == hashed + written

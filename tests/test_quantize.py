@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -108,40 +106,73 @@ def test_rows_are_independent_for_odd_row_counts(qtype, nrows):
         assert np.array_equal(whole[i * row:(i + 1) * row], qz.quantize_rows(x[i], qtype))
 
 
-@pytest.mark.parametrize("qtype", PRESET_TYPES, ids=lambda t: t.name)
-def test_multithreaded_is_bit_identical(qtype):
-    x = _rows(1001, 256, seed=5)  # 1001 rows: 16 chunks, the last one short
-    assert len(qz._chunks(1001, 256, 16)) > 4
-    single = qz.quantize_rows(x, qtype)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        multi = qz.quantize_rows_parallel(x, qtype, pool)
-        tiny = qz.quantize_rows_parallel(x[:5], qtype, pool)
-    assert np.array_equal(single, multi)
-    assert np.array_equal(tiny, single[: 5 * qz.row_nbytes(256, qtype)])
+def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x as a checkpoint stores it: fp16, fp32, or bf16 bits as uint16 (round to nearest even)."""
+    if dtype == "bf16":
+        bits = x.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return x.astype(np.float16 if dtype == "f16" else np.float32)
 
 
-def test_chunks_cover_all_rows_once():
-    for nrows, ncols in [(1, 4096), (7, 256), (1001, 256), (32000, 4096), (11008, 4096)]:
-        chunks = qz._chunks(nrows, ncols, 16)
-        assert chunks[0][0] == 0 and chunks[-1][1] == nrows
-        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
-        assert all(r1 > r0 for r0, r1 in chunks)
+def _widened(stored: np.ndarray) -> np.ndarray:
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", PRESET_TYPES + [Q.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
+def test_block_equals_rows(qtype, dtype, monkeypatch):
+    """quantize_block (widening fused with quantizing, chunk by chunk) gives quantize_rows' bytes,
+    whatever the chunk size: 1001 rows in chunks of 3 rows, the last one short."""
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 3 * 256)
+    stored = _stored(_rows(1001, 256, seed=5), dtype)
+    want = qz.quantize_rows(_widened(stored), qtype)
+    out = np.full(want.nbytes + 100, 0xAB, dtype=np.uint8)
+    got = qz.quantize_block([(stored, dtype == "bf16")], qtype, out)
+    assert np.array_equal(got, want)
+    assert (out[want.nbytes:] == 0xAB).all()  # nothing written past the block
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
+def test_block_glues_parts_side_by_side(qtype, monkeypatch):
+    """A row-parallel tensor's shards (parts of different widths and dtypes) are glued column-wise."""
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 5 * 768)
+    x = _rows(37, 768, seed=9)
+    parts = [_stored(x[:, :256], "f16"), _stored(x[:, 256:512], "bf16"), _stored(x[:, 512:], "f32")]
+    want = qz.quantize_rows(np.concatenate([_widened(p) for p in parts], axis=1), qtype)
+    got = qz.quantize_block([(p, p.dtype == np.uint16) for p in parts], qtype,
+                            np.empty(want.nbytes, np.uint8))
+    assert np.array_equal(got, want)
+
+
+def test_block_names_the_rows_with_nan(monkeypatch):
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 4 * 64)
+    x = _rows(20, 64, seed=2)
+    x[13, 5] = np.nan
+    with pytest.raises(ValueError, match="rows 112..115 hold NaN"):  # chunk 12..15, block starts at 100
+        qz.quantize_block([(x, False)], Q.Q8_0, np.empty(20 * 68, np.uint8), first_row=100)
+    with pytest.raises(ValueError, match="output buffer"):
+        qz.quantize_block([(x, False)], Q.Q8_0, np.empty(10, np.uint8))
 
 
 @pytest.mark.parametrize("qtype,ncols", [(Q.Q4_K, 288), (Q.Q6_K, 4000), (Q.Q4_0, 40), (Q.Q8_0, 100)])
 def test_partial_block_raises_value_error(qtype, ncols):
     with pytest.raises(ValueError, match="whole number"):
         qz.quantize_rows(np.zeros((2, ncols), np.float32), qtype)
-    with ThreadPoolExecutor(max_workers=2) as pool, pytest.raises(ValueError):
-        qz.quantize_rows_parallel(np.zeros((2, ncols), np.float32), qtype, pool)
+    with pytest.raises(ValueError, match="whole number"):
+        qz.quantize_block([(np.zeros((2, ncols), np.float16), False)], qtype, np.empty(1 << 16, np.uint8))
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q4_0, Q.Q4_K], ids=lambda t: t.name)
-def test_nan_is_refused(qtype):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_is_refused(qtype, bad):
     x = _rows(4, 256)
-    x[2, 17] = np.nan
+    x[2, 17] = bad
     with pytest.raises(ValueError, match="NaN"):
         qz.quantize_rows(x, qtype)
+    with pytest.raises(ValueError, match="NaN"):
+        qz.quantize_block([(x.astype(np.float16), False)], qtype, np.empty(x.size * 4, np.uint8))
 
 
 def test_type_needing_an_imatrix_is_refused():

@@ -1,0 +1,251 @@
+"""Streaming file I/O that goes around the page cache where the OS allows it.
+
+A conversion reads every checkpoint byte once and writes every output byte once; neither is read
+again soon. Through the page cache each 4 KiB costs a fresh cache page both ways (and the kernel
+evicts whatever else the user had cached to make room: a 65B checkpoint is 130 GB). With O_DIRECT
+the disk moves data straight between the file and a few aligned buffers that are reused for the
+whole run. Where direct I/O is not available (macOS, tmpfs, some network filesystems)
+the same calls fall back to ordinary reads and writes, and the kernel is told to drop what we have
+finished with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned; 4 KiB suits every disk
+_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 buffer (an anonymous map: its pages come from the OS on first touch)."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _direct_refused(e: OSError) -> bool:
+    """A filesystem that takes the O_DIRECT flag but not the I/O itself."""
+    return e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Tell the kernel we are done with these file pages (a hint; no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise") and length > 0:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _no_cache_hint(fd: int) -> None:
+    """macOS has no O_DIRECT; F_NOCACHE asks it not to keep this file's pages."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+class BlockReader:
+    """Reads byte ranges of one file into caller-owned buffers, from any thread.
+
+    `read(offset, nbytes, buf)` fills `buf` (at least `buffer_size(nbytes)` bytes, from
+    `aligned_empty`) and returns the view of `buf` holding exactly those bytes.
+    """
+
+    def __init__(self, path: str | Path, *, direct: bool = True) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._direct_fd: int | None = None
+        if direct and _DIRECT:
+            try:
+                self._direct_fd = os.open(self.path, os.O_RDONLY | _DIRECT)
+            except OSError:
+                self._direct_fd = None  # tmpfs and friends: read through the cache instead
+        if self._direct_fd is None:
+            _no_cache_hint(self._fd)
+
+    @property
+    def direct(self) -> bool:
+        """Whether reads bypass the page cache."""
+        return self._direct_fd is not None
+
+    @staticmethod
+    def buffer_size(nbytes: int) -> int:
+        """Bytes a buffer needs to receive `nbytes` from any offset (room to align both ends)."""
+        return _round_up(nbytes) + ALIGN
+
+    def read(self, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
+        if self._direct_fd is not None:
+            start = offset - offset % ALIGN
+            span = _round_up(offset + nbytes) - start
+            try:
+                got = self._pread(self._direct_fd, buf[:span], start)
+            except OSError as e:
+                if not _direct_refused(e):
+                    raise
+                self._close_direct()
+            else:
+                if got < offset + nbytes - start:
+                    raise EOFError(f"{self.path}: {got - (offset - start)} of {nbytes} bytes at offset {offset}")
+                return buf[offset - start:offset - start + nbytes]
+        got = self._pread(self._fd, buf[:nbytes], offset)
+        if got < nbytes:
+            raise EOFError(f"{self.path}: {got} of {nbytes} bytes at offset {offset}")
+        _drop_cache(self._fd, offset, nbytes)
+        return buf[:nbytes]
+
+    @staticmethod
+    def _pread(fd: int, view: np.ndarray, offset: int) -> int:
+        """Fill `view` from `offset`; fewer bytes only at the end of the file."""
+        mv = memoryview(view).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def _close_direct(self) -> None:
+        fd, self._direct_fd = self._direct_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._close_direct()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+class AppendWriter:
+    """Appends to an existing file from `start` on, through one aligned staging buffer.
+
+    Single-threaded. `close()` writes what is left, trims the file to the bytes written and
+    fsyncs; `abort()` only closes.
+    """
+
+    def __init__(self, path: str | Path, start: int, *, staging: int = 8 * 2**20, direct: bool = True) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._direct_fd: int | None = None
+        if direct and _DIRECT:
+            try:
+                self._direct_fd = os.open(self.path, os.O_WRONLY | _DIRECT)
+            except OSError:
+                self._direct_fd = None
+        if self._direct_fd is None:
+            _no_cache_hint(self._fd)
+        self._buf = aligned_empty(_round_up(max(staging, ALIGN)))
+        # the staging buffer always starts at an aligned file offset: carry in the bytes already
+        # written before `start` on its page
+        self._base = start - start % ALIGN
+        head = os.pread(self._fd, start - self._base, self._base) if start > self._base else b""
+        if len(head) != start - self._base:
+            raise EOFError(f"{self.path} is shorter than {start} bytes")
+        self._fill = len(head)
+        self._buf[:self._fill] = np.frombuffer(head, dtype=np.uint8)
+
+    @property
+    def direct(self) -> bool:
+        return self._direct_fd is not None
+
+    @property
+    def position(self) -> int:
+        """File offset of the next byte written."""
+        return self._base + self._fill
+
+    def write(self, data: np.ndarray | bytes | memoryview) -> None:
+        src = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        while src.size:
+            n = min(src.size, self._buf.size - self._fill)
+            self._buf[self._fill:self._fill + n] = src[:n]
+            self._fill += n
+            src = src[n:]
+            if self._fill == self._buf.size:
+                self._flush(self._fill)
+
+    def zeros(self, n: int) -> None:
+        while n:
+            k = min(n, self._buf.size - self._fill)
+            self._buf[self._fill:self._fill + k] = 0
+            self._fill += k
+            n -= k
+            if self._fill == self._buf.size:
+                self._flush(self._fill)
+
+    def _flush(self, upto: int) -> None:
+        """Write buf[:upto] (a multiple of ALIGN unless this is the tail) at `_base`."""
+        view = memoryview(self._buf[:upto])
+        if self._direct_fd is not None and upto % ALIGN == 0:
+            try:
+                self._pwrite(self._direct_fd, view, self._base)
+            except OSError as e:
+                if not _direct_refused(e):
+                    raise
+                os.close(self._direct_fd)
+                self._direct_fd = None
+            else:
+                self._advance(upto)
+                return
+        self._pwrite(self._fd, view, self._base)
+        _drop_cache(self._fd, self._base, upto)  # a no-op until written back; helps on the way
+        self._advance(upto)
+
+    def _advance(self, upto: int) -> None:
+        keep = self._fill - upto
+        if keep:
+            self._buf[:keep] = self._buf[upto:self._fill]
+        self._base += upto
+        self._fill = keep
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def close(self) -> None:
+        """Write the rest, cut the file at `position`, fsync, close."""
+        end = self.position
+        if self._fill:
+            if self._direct_fd is not None:
+                pad = _round_up(self._fill) - self._fill
+                self._buf[self._fill:self._fill + pad] = 0
+                self._fill += pad
+                self._flush(self._fill)  # the padding is cut off below
+            else:
+                self._flush(self._fill)
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        self.abort()
+
+    def abort(self) -> None:
+        for attr in ("_direct_fd", "_fd"):
+            fd = getattr(self, attr)
+            if fd is not None and fd >= 0:
+                os.close(fd)
+            setattr(self, attr, None if attr == "_direct_fd" else -1)
