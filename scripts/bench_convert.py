@@ -102,7 +102,7 @@ def main() -> None:
         print(f"round {r + 1}/{a.rounds}: llamalocal convert --q4_0 --no-verify ({cache_state}) ...", file=sys.stderr)
         ours = run_measured(ours_cmd + ["--no-verify"])
         settle_cache(shards, cold=not a.warm)
-        print("  llamalocal convert --q4_0 (md5 verification first, the default) ...", file=sys.stderr)
+        print("  llamalocal convert --q4_0 (with md5 verification, the default) ...", file=sys.stderr)
         verified = run_measured(ours_cmd)
         settle_cache(shards, cold=not a.warm)
         print("  peer: convert_legacy_llama.py --outtype f16 ...", file=sys.stderr)
@@ -128,7 +128,7 @@ def main() -> None:
               f"{rss_ratios[-1]:9.3f}x")
     print(f"\nspeed, like for like (--no-verify; the peer verifies no checksums): worst {min(speeds):.2f}x, "
           f"median {statistics.median(speeds):.2f}x the peer (goal >= 3x)")
-    print(f"speed with md5 verification of the {ckpt_bytes / gib:.1f} GiB first (the default): worst "
+    print(f"speed with md5 verification of the {ckpt_bytes / gib:.1f} GiB (the default): worst "
           f"{min(verified_speeds):.2f}x, median {statistics.median(verified_speeds):.2f}x")
     print(f"peak RSS: worst {max(rss_ratios):.3f}x the peer's (goal <= 0.25x)")
     print(f"output sizes: ours {ours_out.stat().st_size / gib:.3f} GiB, peer {peer_q4.stat().st_size / gib:.3f} GiB")
