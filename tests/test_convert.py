@@ -83,6 +83,28 @@ def test_sharded_gqa_synthetic_matches_reference(tmp_path, n_shards):
             assert ta.name == tb.name and np.array_equal(ta.data, tb.data), ta.name
 
 
+@pytest.mark.parametrize("preset", ["f32", "q4_k_m"])
+def test_block_and_chunk_sizes_do_not_change_a_byte(tmp_path, monkeypatch, preset):
+    """4 shards in many small blocks (each row-parallel block glued from 4 slices, column-parallel
+    blocks ending at shard boundaries) and tiny cache chunks give the tensors of the same weights
+    saved unsharded and converted whole."""
+    import convert.convert as cc
+    import convert.quantize as qz
+
+    p = ModelParams(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64, norm_eps=1e-5)
+    one = build_sample(tmp_path / "one", "m", SampleSpec(params=p, n_shards=1, dtype="f16", vocab_size=400))
+    four = build_sample(tmp_path / "four", "m", SampleSpec(params=p, n_shards=4, dtype="f16", vocab_size=400),
+                        tokenizer=one.parent / "tokenizer.model")
+    whole = convert(one, preset, tmp_path / "whole.gguf").path
+    monkeypatch.setattr(cc, "BLOCK_ELEMENTS", 7 * 256 + 5)  # 7 rows of 256, fewer of wider rows
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 3 * 256)
+    small = convert(four, preset, tmp_path / "small.gguf", threads=3).path
+    a, b = gguf.GGUFReader(whole), gguf.GGUFReader(small)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert np.array_equal(ta.data, tb.data), ta.name
+
+
 def _kv(reader, key):
     f = reader.fields[key]
     v = f.parts[f.data[0]]
