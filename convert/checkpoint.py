@@ -9,16 +9,14 @@ A torch>=1.6 `torch.save` file is an uncompressed zip:
 The pickle is untrusted input: it is read by a restricted unpickler that resolves only the handful
 of names a weight file needs, each to a harmless stand-in defined here (nothing named in the file is
 ever imported or called), and refuses the opcodes that build or mutate arbitrary objects. Storages
-are never read into memory whole: a tensor is read a block of rows at a time, either into a reused
-buffer past the page cache (`read_rows`, the converter's path) or through a memory map whose pages
-are given back to the OS after each block (`rows`).
+are never read into memory whole: a tensor is read a block of rows at a time, by byte range, around
+the page cache (direct_io), into a buffer the caller reuses (`read_rows`, the converter's path) or
+widened to a float32 copy (`rows`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import mmap
 import os
 import pickle
 import struct
@@ -29,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from convert.direct_io import BlockReader
+from convert.direct_io import BlockReader, aligned_empty
 from llamalocal.errors import CheckpointError, UnsafePickleError
 
 BF16 = "bf16"  # numpy has no bfloat16: bf16 tensors are tagged and read as uint16
@@ -343,22 +341,16 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def _page_down(x: int) -> int:
-    return x - x % mmap.PAGESIZE
-
-
 class Checkpoint:
     """An open `torch.save` file: `tensors` in file order, their data read by byte range.
 
     Use as a context manager. `read_rows()` streams a block of stored values into a caller's
-    buffer (the converter's path); `rows()` copies a block out of a read-only mmap as float32 and
-    gives its pages back; `raw()` is a zero-copy view that must be dropped before `close()` frees
-    the map.
+    buffer (the converter's path); `rows()` returns a block as float32. Both read around the page
+    cache (direct_io), so reading a shard once neither fills the cache nor stays resident.
     """
 
-    def __init__(self, path: Path, mm: mmap.mmap, tensors: dict[str, TensorInfo]) -> None:
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo]) -> None:
         self.path = path
-        self._mm: mmap.mmap | None = mm
         self.tensors = tensors
         self._reader: BlockReader | None = BlockReader(path)
 
@@ -373,11 +365,6 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            raise ValueError(f"{self.path}: checkpoint is closed")
-        return self._mm
-
     def _span(self, t: TensorInfo, start: int, stop: int | None) -> tuple[int, int, int]:
         """(byte offset, element count, rows) of rows [start, stop) along dim 0."""
         if not t.shape:
@@ -388,42 +375,15 @@ class Checkpoint:
         row = t.numel // t.shape[0] if t.shape[0] else 0
         return t.offset + start * row * t.itemsize, (stop - start) * row, stop - start
 
-    def raw(self, name: str) -> np.ndarray:
-        """Zero-copy view of the tensor's bytes in its stored dtype (bf16 as uint16)."""
-        t = self._info(name)
-        mm = self._map()
-        return np.frombuffer(mm, dtype=_stored(t.dtype), count=t.numel, offset=t.offset).reshape(t.shape)
-
-    def rows(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's
-        elements; the defaults give the whole tensor). Its pages are released afterwards.
-        `out`: a C-contiguous float32 buffer of the right size to fill instead of allocating one
-        (reusing buffers avoids faulting in fresh pages for every block)."""
-        from convert.quantize import to_f32
-
-        t = self._info(name)
-        offset, count, n = self._span(t, start, stop)
-        shape = (n,) + t.shape[1:] if t.shape else ()
-        view = np.frombuffer(self._map(), dtype=_stored(t.dtype), count=count, offset=offset)
-        if out is None:
-            out = np.empty(count, dtype=np.float32)
-        elif out.dtype != np.float32 or out.size != count or not out.flags.c_contiguous:
-            raise ValueError(f"{name}: out must be C-contiguous float32 of {count} elements")
-        to_f32(view, out.reshape(-1), bf16=_is_bf16(t.dtype))
-        del view  # the map cannot be closed while a view on it exists
-        self._release_bytes(offset, count * t.itemsize)
-        return out.reshape(shape)
-
     def read_size(self, name: str, start: int = 0, stop: int | None = None) -> int:
         """Bytes of buffer `read_rows` needs for rows [start, stop)."""
         t = self._info(name)
         _, count, _ = self._span(t, start, stop)
         return BlockReader.buffer_size(count * t.itemsize)
 
-    def read_rows(self, name: str, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int | None, buf: np.ndarray) -> np.ndarray:
         """Rows [start, stop) in their stored dtype (bf16 as uint16), read into `buf` (from
-        `direct_io.aligned_empty`, at least `read_size` bytes) around the page cache: streaming
-        a checkpoint once should neither fill the cache nor evict what the user had in it."""
+        `direct_io.aligned_empty`, at least `read_size` bytes): a view of `buf`."""
         t = self._info(name)
         offset, count, n = self._span(t, start, stop)
         reader = self._reader
@@ -435,31 +395,20 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} is truncated ({e}); download it again") from None
         return data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
 
-    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        """Give the pages of rows [start, stop) back to the OS (after using `raw()` on them).
-        The data stays readable: touching it again reads it back from the file."""
-        t = self._info(name)
-        offset, count, _ = self._span(t, start, stop)
-        self._release_bytes(offset, count * t.itemsize)
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's
+        elements; the defaults give the whole tensor)."""
+        from convert.quantize import to_f32
 
-    def _release_bytes(self, offset: int, length: int) -> None:
-        mm = self._mm
-        if mm is None or length <= 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        # The map is read-only and file-backed, so dropping pages loses nothing; a neighbouring block
-        # sharing the first or last page just faults it in again.
-        start = _page_down(offset)
-        mm.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        stored = self.read_rows(name, start, stop, aligned_empty(self.read_size(name, start, stop)))
+        out = np.empty(stored.shape, dtype=np.float32)
+        to_f32(stored.reshape(-1), out.reshape(-1), bf16=_is_bf16(self.tensors[name].dtype))
+        return out
 
     def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            # BufferError: a caller still holds a raw() view; the map is unmapped when that view dies
-            with contextlib.suppress(BufferError):
-                mm.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -488,13 +437,12 @@ def _not_a_zip(path: Path, head: bytes) -> CheckpointError:
                            "expected Meta's consolidated.NN.pth")
 
 
-def _data_offset(path: Path, mm: mmap.mmap, info: zipfile.ZipInfo, fd: int) -> int:
+def _data_offset(path: Path, file_size: int, info: zipfile.ZipInfo, fd: int) -> int:
     """Where a stored record's bytes start: after its local header, whose extra field (torch pads
     it to align data to 64 bytes) differs from the central directory's."""
     h = info.header_offset
-    # read with pread, not through the map: faulting the map here would pull the kernel's readahead
-    # window around every header into this process's resident memory
-    header = os.pread(fd, 30, h) if h + 30 <= len(mm) else b""
+    # a 30-byte pread per storage: the index is read without touching the tensor data
+    header = os.pread(fd, 30, h) if h + 30 <= file_size else b""
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path} is truncated or corrupt: no local header for {info.filename}; "
                               "download it again and check it against checklist.chk")
@@ -540,17 +488,12 @@ def _open(path: Path, f: BinaryIO) -> Checkpoint:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise _not_a_zip(path, head) from e
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # holds its own handle on the file
-    try:
-        with zf:
-            tensors = _read_index(path, zf, mm, f.fileno())
-    except BaseException:
-        mm.close()
-        raise
-    return Checkpoint(path, mm, tensors)
+    with zf:
+        tensors = _read_index(path, zf, os.fstat(f.fileno()).st_size, f.fileno())
+    return Checkpoint(path, tensors)
 
 
-def _read_index(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap, fd: int) -> dict[str, TensorInfo]:
+def _read_index(path: Path, zf: zipfile.ZipFile, file_size: int, fd: int) -> dict[str, TensorInfo]:
     infos = {i.filename: i for i in zf.infolist()}
     pkl_name = _find_pickle(path, list(infos))
     prefix = pkl_name[: -len("data.pkl")]
@@ -575,10 +518,10 @@ def _read_index(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap, fd: int) -> dict
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{path}: storage data/{key} is compressed, which torch.save never does; "
                                   "re-save it with torch.save")
-        start = _data_offset(path, mm, info, fd)
-        if start + info.file_size > len(mm):
+        start = _data_offset(path, file_size, info, fd)
+        if start + info.file_size > file_size:
             raise CheckpointError(f"{path} is truncated: storage data/{key} ends at byte "
-                                  f"{start + info.file_size} of a {len(mm)}-byte file; download it again")
+                                  f"{start + info.file_size} of a {file_size}-byte file; download it again")
         itemsize = ref.stype.dtype.itemsize if ref.stype.dtype is not None else 1
         if ref.numel * itemsize != info.file_size:
             raise CheckpointError(f"{path}: storage data/{key} has {info.file_size} bytes but the pickle "
