@@ -67,7 +67,7 @@ def md5_file(path: Path, progress: Callable[[int], object] | None = None,
             offset += chunk.size
             nxt = (ahead.submit(reader.read, offset, min(CHUNK, size - offset), buffers[offset // CHUNK % 2])
                    if offset < size else None)
-            h.update(chunk)  # releases the GIL: the read of the next chunk goes on meanwhile
+            h.update(chunk.data)  # releases the GIL: the read of the next chunk goes on meanwhile
             if progress is not None:
                 progress(chunk.size)
     return h.hexdigest()

@@ -110,7 +110,7 @@ class BlockReader:
     @staticmethod
     def _pread(fd: int, view: np.ndarray, offset: int) -> int:
         """Fill `view` from `offset`; fewer bytes only at the end of the file."""
-        mv = memoryview(view).cast("B")
+        mv = view.data.cast("B")
         done = 0
         while done < len(mv):
             n = os.preadv(fd, [mv[done:]], offset + done)
@@ -199,7 +199,7 @@ class AppendWriter:
 
     def _flush(self, upto: int) -> None:
         """Write buf[:upto] (a multiple of ALIGN unless this is the tail) at `_base`."""
-        view = memoryview(self._buf[:upto])
+        view = self._buf[:upto].data
         if self._direct_fd is not None and upto % ALIGN == 0:
             try:
                 self._pwrite(self._direct_fd, view, self._base)
