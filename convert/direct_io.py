@@ -45,6 +45,16 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def _open_direct(path: Path, flags: int) -> int | None:
+    """A second descriptor with O_DIRECT, or None where the OS or filesystem (tmpfs, ...) has none."""
+    if not _DIRECT:
+        return None
+    try:
+        return os.open(path, flags | _DIRECT)
+    except OSError:
+        return None
+
+
 def _no_cache_hint(fd: int) -> None:
     """macOS has no O_DIRECT; F_NOCACHE asks it not to keep this file's pages."""
     if sys.platform == "darwin":
@@ -68,12 +78,7 @@ class BlockReader:
     def __init__(self, path: str | Path, *, direct: bool = True) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDONLY)
-        self._direct_fd: int | None = None
-        if direct and _DIRECT:
-            try:
-                self._direct_fd = os.open(self.path, os.O_RDONLY | _DIRECT)
-            except OSError:
-                self._direct_fd = None  # tmpfs and friends: read through the cache instead
+        self._direct_fd = _open_direct(self.path, os.O_RDONLY) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
 
@@ -151,12 +156,7 @@ class AppendWriter:
     def __init__(self, path: str | Path, start: int, *, staging: int = 8 * 2**20, direct: bool = True) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR)
-        self._direct_fd: int | None = None
-        if direct and _DIRECT:
-            try:
-                self._direct_fd = os.open(self.path, os.O_WRONLY | _DIRECT)
-            except OSError:
-                self._direct_fd = None
+        self._direct_fd = _open_direct(self.path, os.O_WRONLY) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
         self._buf = aligned_empty(_round_up(max(staging, ALIGN)))
