@@ -172,59 +172,6 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(np.max(x)) and np.isfinite(np.min(x))) if x.size else True
 
 
-def _quantize_into(x: np.ndarray, qtype: Q, out: np.ndarray, r0: int, r1: int, validate: bool) -> None:
-    """Quantize rows [r0, r1) of contiguous float32 `x` into their place in `out` (uint8)."""
-    ncols = x.shape[1]
-    row_size = out.nbytes // x.shape[0]
-    src = x.ctypes.data + r0 * ncols * 4
-    dst = out.ctypes.data + r0 * row_size
-    lib = _ggml()
-    # llama.cpp checks the source when it loads it (check_tensors) and the result after each
-    # chunk; the quantizers themselves skip a NaN when picking a block's scale.
-    if validate and not _all_finite(x[r0:r1]):
-        raise ValueError(f"rows {r0}..{r1 - 1} hold NaN or infinite values")
-    n = lib.ggml_quantize_chunk(int(qtype), src, dst, 0, r1 - r0, ncols, None)
-    if n != (r1 - r0) * row_size:  # ggml asserts this itself; a mismatch means a wrong binding
-        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {(r1 - r0) * row_size}")
-    if validate and not lib.ggml_validate_row_data(int(qtype), dst, n):
-        raise ValueError(f"rows {r0}..{r1 - 1} overflow to infinity or NaN when stored as {qtype.name}")
-
-
-def _output_buffer(x: np.ndarray, qtype: Q) -> np.ndarray:
-    """The rows as contiguous float32 and an output buffer for them; checks before ggml can abort."""
-    row_size = row_nbytes(x.shape[1], qtype)  # ggml would abort the process on a partial block
-    if qtype != Q.F32:
-        _prepare(qtype)
-    return np.empty(x.shape[0] * row_size, dtype=np.uint8)
-
-
-def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True) -> np.ndarray:
-    """Store float32 rows as `qtype`, byte for byte as ggml (and so llama-quantize) does.
-
-    Args:
-        x: float32 (nrows, ncols) — or one row (ncols,) — with ncols a multiple of the block size.
-        qtype: F32, F16, BF16 or a quantized type that needs no importance matrix.
-        validate: refuse NaN / inf in the input and in the result (ggml_validate_row_data), as
-            llama-quantize does.
-
-    Returns:
-        uint8 array of nrows * row_nbytes(ncols, qtype) bytes. For F32 this may share memory with x.
-
-    Raises:
-        ValueError: ncols not a whole number of blocks, a type that needs an imatrix, or data
-            that is NaN/infinite in the stored type.
-    """
-    x = _as_rows(x)
-    if qtype == Q.F32:
-        if validate and not _all_finite(x):
-            raise ValueError("rows hold NaN or infinite values")
-        return x.reshape(-1).view(np.uint8)
-    out = _output_buffer(x, qtype)
-    if x.shape[0]:
-        _quantize_into(x, qtype, out, 0, x.shape[0], validate)
-    return out
-
-
 _scratch = threading.local()  # per-thread float32 work area for quantize_block, reused
 
 
@@ -236,7 +183,7 @@ def _scratch_f32(n: int) -> np.ndarray:
 
 
 def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarray, *,
-                   first_row: int = 0) -> np.ndarray:
+                   first_row: int = 0, validate: bool = True) -> np.ndarray:
     """Widen stored rows to float32 and store them as `qtype`, a cache-sized chunk at a time.
 
     The bytes are `quantize_rows`' bytes (ggml works row by row); the difference is memory
@@ -250,6 +197,8 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
         qtype: the output type (F32, F16, BF16 or a quantized type needing no imatrix).
         out: uint8 buffer of at least nrows * row_nbytes(total cols, qtype) bytes.
         first_row: where the block starts in its tensor, for error messages.
+        validate: refuse NaN / inf in the values and in the result (ggml_validate_row_data), as
+            llama-quantize does (it checks sources on load and results after each chunk).
 
     Returns:
         The filled front of `out`.
@@ -283,13 +232,34 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
                 x[:, c:c + width] = piece
                 c += width
         rows = f"rows {first_row + r0}..{first_row + r1 - 1}"
-        if not _all_finite(x):
+        if validate and not _all_finite(x):
             raise ValueError(f"{rows} hold NaN or infinite values")
         if qtype == Q.F32:
             continue
         n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, k, ncols, None)
         if n != k * row_size:
             raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {k * row_size}")
-        if not lib.ggml_validate_row_data(int(qtype), dst.ctypes.data, n):
+        if validate and not lib.ggml_validate_row_data(int(qtype), dst.ctypes.data, n):
             raise ValueError(f"{rows} overflow to infinity or NaN when stored as {qtype.name}")
     return out[:nrows * row_size]
+
+
+def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True) -> np.ndarray:
+    """Store float32 rows as `qtype`, byte for byte as ggml (and so llama-quantize) does.
+
+    Args:
+        x: float32 (nrows, ncols) — or one row (ncols,) — with ncols a multiple of the block size.
+        qtype: F32, F16, BF16 or a quantized type that needs no importance matrix.
+        validate: refuse NaN / inf in the input and in the result (ggml_validate_row_data), as
+            llama-quantize does.
+
+    Returns:
+        uint8 array of nrows * row_nbytes(ncols, qtype) bytes.
+
+    Raises:
+        ValueError: ncols not a whole number of blocks, a type that needs an imatrix, or data
+            that is NaN/infinite in the stored type.
+    """
+    x = _as_rows(x)
+    out = np.empty(x.shape[0] * row_nbytes(x.shape[1], qtype), dtype=np.uint8)
+    return quantize_block([(x, False)], qtype, out, validate=validate) if x.shape[0] else out

@@ -125,9 +125,10 @@ def _widened(stored: np.ndarray) -> np.ndarray:
 def test_block_equals_rows(qtype, dtype, monkeypatch):
     """quantize_block (widening fused with quantizing, chunk by chunk) gives quantize_rows' bytes,
     whatever the chunk size: 1001 rows in chunks of 3 rows, the last one short."""
-    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 3 * 256)
     stored = _stored(_rows(1001, 256, seed=5), dtype)
-    want = qz.quantize_rows(_widened(stored), qtype)
+    want = qz.quantize_rows(_widened(stored), qtype)  # one chunk: 1001 x 256 < CACHE_CHUNK_ELEMENTS
+    assert stored.size <= qz.CACHE_CHUNK_ELEMENTS
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 3 * 256)
     out = np.full(want.nbytes + 100, 0xAB, dtype=np.uint8)
     got = qz.quantize_block([(stored, dtype == "bf16")], qtype, out)
     assert np.array_equal(got, want)
@@ -137,10 +138,10 @@ def test_block_equals_rows(qtype, dtype, monkeypatch):
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.F16, Q.F32], ids=lambda t: t.name)
 def test_block_glues_parts_side_by_side(qtype, monkeypatch):
     """A row-parallel tensor's shards (parts of different widths and dtypes) are glued column-wise."""
-    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 5 * 768)
     x = _rows(37, 768, seed=9)
     parts = [_stored(x[:, :256], "f16"), _stored(x[:, 256:512], "bf16"), _stored(x[:, 512:], "f32")]
     want = qz.quantize_rows(np.concatenate([_widened(p) for p in parts], axis=1), qtype)
+    monkeypatch.setattr(qz, "CACHE_CHUNK_ELEMENTS", 5 * 768)
     got = qz.quantize_block([(p, p.dtype == np.uint16) for p in parts], qtype,
                             np.empty(want.nbytes, np.uint8))
     assert np.array_equal(got, want)
