@@ -16,8 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from convert.direct_io import BlockReader, aligned_empty
-from llamalocal.errors import BadInputError, ChecksumError
+from llamalocal.convert.direct_io import BlockReader, aligned_empty
+from llamalocal.convert.errors import BadInputError, ChecksumError
 
 CHUNK = 8 * 2**20
 _LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")

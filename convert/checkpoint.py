@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from convert.direct_io import BlockReader, aligned_empty
-from llamalocal.errors import CheckpointError, UnsafePickleError
+from llamalocal.convert.direct_io import BlockReader, aligned_empty
+from llamalocal.convert.errors import CheckpointError, UnsafePickleError
 
 BF16 = "bf16"  # numpy has no bfloat16: bf16 tensors are tagged and read as uint16
 
@@ -398,7 +398,7 @@ class Checkpoint:
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's
         elements; the defaults give the whole tensor)."""
-        from convert.quantize import to_f32
+        from llamalocal.convert.quantize import to_f32
 
         stored = self.read_rows(name, start, stop, aligned_empty(self.read_size(name, start, stop)))
         out = np.empty(stored.shape, dtype=np.float32)

@@ -23,23 +23,23 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from convert import presets
-from convert.checklist import read_checklist, verify_checklist
-from convert.checkpoint import open_checkpoint
-from convert.direct_io import aligned_empty
-from convert.gguf_out import StreamingGGUFWriter
-from convert.merge import ShardSlice, blocks, check_replicated, merged_shape
-from convert.params import ModelParams, load_params
-from convert.quantize import quantize_block, quantized_nbytes
-from convert.tensor_names import SKIPPED, lookup, meta_names
-from convert.tokenizer import Vocab, add_to_gguf, find_tokenizer, load_vocab
-from llamalocal.errors import (
+from llamalocal.convert import presets
+from llamalocal.convert.checklist import read_checklist, verify_checklist
+from llamalocal.convert.checkpoint import open_checkpoint
+from llamalocal.convert.direct_io import aligned_empty
+from llamalocal.convert.errors import (
     BadInputError,
     CheckpointError,
     ChecksumError,
     DiskSpaceError,
     OutputExistsError,
 )
+from llamalocal.convert.gguf_out import StreamingGGUFWriter
+from llamalocal.convert.merge import ShardSlice, blocks, check_replicated, merged_shape
+from llamalocal.convert.params import ModelParams, load_params
+from llamalocal.convert.quantize import quantize_block, quantized_nbytes
+from llamalocal.convert.tensor_names import SKIPPED, lookup, meta_names
+from llamalocal.convert.tokenizer import Vocab, add_to_gguf, find_tokenizer, load_vocab
 
 SHARD_GLOB = "consolidated.*.pth"
 CHECKLIST = "checklist.chk"

@@ -18,8 +18,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.direct_io import AppendWriter
-from llamalocal.errors import BadInputError, DiskSpaceError, LlamalocalError
+from llamalocal.convert.direct_io import AppendWriter
+from llamalocal.convert.errors import BadInputError, DiskSpaceError, LlamalocalError
 
 
 def partial_path(final: Path) -> Path:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convert.tensor_names import COLUMN, ROW
-from llamalocal.errors import CheckpointError
+from llamalocal.convert.errors import CheckpointError
+from llamalocal.convert.tensor_names import COLUMN, ROW
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llamalocal.errors import BadInputError
+from llamalocal.convert.errors import BadInputError
 
 # Context lengths Meta trained with; a checkpoint does not record them (llama.cpp uses the same rule).
 N_CTX_LLAMA1 = 2048

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from convert.quantize import block_size
-from llamalocal.errors import BadInputError
+from llamalocal.convert.errors import BadInputError
+from llamalocal.convert.quantize import block_size
 
 Q = GGMLQuantizationType
 

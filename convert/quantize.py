@@ -1,8 +1,7 @@
 """Quantize float32 rows with ggml's own quantizers, the ones llama-quantize calls.
 
-The quantizers live in llama-cpp-python's `libggml-base` shared library; this module binds the
-handful of functions it needs with ctypes (llama-cpp-python's `_ggml` module only loads the
-library, it binds none of these). With no importance matrix `ggml_quantize_chunk` is exactly what
+The quantizers live in llama-cpp-python's `libggml-base` shared library, reached through
+`llamalocal.convert.native` (llama-cpp-python binds none of them). With no importance matrix `ggml_quantize_chunk` is exactly what
 `llama_model_quantize` runs per chunk of rows, so the bytes are llama.cpp's bytes. F16 and BF16 go
 through the same call (ggml's own rounding), F32 is copied as is.
 
@@ -12,17 +11,12 @@ across threads in any way without changing a byte; ctypes releases the GIL durin
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import sys
 import threading
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from llamalocal.errors import LlamalocalError
+from llamalocal.convert import native
 
 Q = GGMLQuantizationType
 
@@ -31,68 +25,19 @@ Q = GGMLQuantizationType
 CACHE_CHUNK_ELEMENTS = 1 << 18
 
 
-# ---------------------------------------------------------------------------------------------
-# the shared library
-# ---------------------------------------------------------------------------------------------
-
-def _library_names(stem: str = "ggml-base") -> list[str]:
-    if sys.platform == "win32":
-        return [f"{stem}.dll", f"lib{stem}.dll"]
-    if sys.platform == "darwin":
-        return [f"lib{stem}.dylib", f"lib{stem}.so"]
-    return [f"lib{stem}.so"]
-
-
-def _load(stem: str) -> ctypes.CDLL:
-    """A ggml library shipped inside the installed llama_cpp package."""
-    spec = importlib.util.find_spec("llama_cpp")  # find, don't import: importing loads libllama
-    if spec is None or spec.origin is None:
-        raise LlamalocalError("llama-cpp-python is not installed; pip install llama-cpp-python==0.3.36")
-    lib_dir = Path(spec.origin).parent / "lib"
-    path = next((lib_dir / n for n in _library_names(stem) if (lib_dir / n).exists()), None)
-    if path is None:
-        raise LlamalocalError(f"no {stem} library in {lib_dir}; reinstall llama-cpp-python==0.3.36")
-    return ctypes.CDLL(str(path))
-
-
-@cache
-def _ggml() -> ctypes.CDLL:
-    """libggml-base from the installed llama_cpp package, with argument types declared."""
-    lib = _load("ggml-base")
-
-    i64, size_t, ctype = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int  # enum ggml_type is an int
-    # size_t ggml_quantize_chunk(type, const float * src, void * dst, int64 start, int64 nrows,
-    #                            int64 n_per_row, const float * imatrix)
-    lib.ggml_quantize_chunk.argtypes = [ctype, ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p]
-    lib.ggml_quantize_chunk.restype = size_t
-    lib.ggml_quantize_init.argtypes = [ctype]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctype]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    lib.ggml_validate_row_data.argtypes = [ctype, ctypes.c_void_p, size_t]
-    lib.ggml_validate_row_data.restype = ctypes.c_bool
-    lib.ggml_row_size.argtypes = [ctype, i64]
-    lib.ggml_row_size.restype = size_t
-    lib.ggml_blck_size.argtypes = [ctype]
-    lib.ggml_blck_size.restype = i64
-    lib.ggml_type_size.argtypes = [ctype]
-    lib.ggml_type_size.restype = size_t
-    return lib
-
-
 def ggml_block_size(qtype: Q) -> int:
     """Elements per block, as ggml itself reports it."""
-    return int(_ggml().ggml_blck_size(int(qtype)))
+    return native.block_size(int(qtype))
 
 
 def ggml_type_size(qtype: Q) -> int:
     """Bytes per block, as ggml itself reports it."""
-    return int(_ggml().ggml_type_size(int(qtype)))
+    return native.type_size(int(qtype))
 
 
 def ggml_row_size(qtype: Q, n_per_row: int) -> int:
     """Bytes of one quantized row, as ggml itself reports it."""
-    return int(_ggml().ggml_row_size(int(qtype), n_per_row))
+    return native.row_size(int(qtype), n_per_row)
 
 
 _initialized: set[Q] = set()
@@ -102,10 +47,9 @@ def _prepare(qtype: Q) -> None:
     """Check the type is usable without an imatrix and build its tables before threads use it."""
     if qtype in _initialized:
         return
-    lib = _ggml()
-    if lib.ggml_quantize_requires_imatrix(int(qtype)):
+    if native.quantize_requires_imatrix(int(qtype)):
         raise ValueError(f"{qtype.name} needs an importance matrix, which llamalocal does not compute")
-    lib.ggml_quantize_init(int(qtype))  # IQ tables; a no-op for the types the presets use
+    native.quantize_init(int(qtype))  # IQ tables; a no-op for the types the presets use
     _initialized.add(qtype)
 
 
@@ -144,24 +88,12 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-@cache
-def _ggml_cpu() -> ctypes.CDLL:
-    """libggml-cpu: its fp16/bf16 -> fp32 row converters use the CPU's vector units."""
-    lib = _load("ggml-cpu")
-    lib.ggml_cpu_init()  # fills the fp16 lookup table the converters use for odd tails
-    for fn in (lib.ggml_cpu_fp16_to_fp32, lib.ggml_cpu_bf16_to_fp32):
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        fn.restype = None
-    return lib
-
-
 def to_f32(src: np.ndarray, out: np.ndarray, *, bf16: bool = False) -> None:
     """Widen contiguous fp16 / bf16 (as uint16) / fp32 / fp64 values into float32 `out` (same size)."""
     if src.size != out.size:
         raise ValueError(f"{src.size} values into a buffer of {out.size}")
     if bf16 or src.dtype == np.float16:
-        fn = _ggml_cpu().ggml_cpu_bf16_to_fp32 if bf16 else _ggml_cpu().ggml_cpu_fp16_to_fp32
-        fn(src.ctypes.data, out.ctypes.data, src.size)  # releases the GIL, unlike numpy's scalar cast
+        native.widen_f16(src.ctypes.data, out.ctypes.data, src.size, bf16=bf16)  # releases the GIL
     else:
         np.copyto(out, src.reshape(out.shape), casting="same_kind")
 
@@ -214,7 +146,6 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
         raise ValueError(f"output buffer of {out.size} bytes for {nrows} rows of {row_size}")
     if qtype != Q.F32:
         _prepare(qtype)
-    lib = _ggml()
     step = max(1, CACHE_CHUNK_ELEMENTS // ncols)
     work = _scratch_f32(step * ncols * (2 if len(parts) > 1 else 1))
     for r0 in range(0, nrows, step):
@@ -236,10 +167,10 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
             raise ValueError(f"{rows} hold NaN or infinite values")
         if qtype == Q.F32:
             continue
-        n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, 0, k, ncols, None)
+        n = native.quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, k, ncols)
         if n != k * row_size:
             raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {k * row_size}")
-        if validate and not lib.ggml_validate_row_data(int(qtype), dst.ctypes.data, n):
+        if validate and not native.validate_row_data(int(qtype), dst.ctypes.data, n):
             raise ValueError(f"{rows} overflow to infinity or NaN when stored as {qtype.name}")
     return out[:nrows * row_size]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.checklist import md5_file
-from convert.params import ModelParams
-from convert.tensor_names import GLOBAL_TENSORS, LAYER_TENSORS, meta_names
-from convert.torch_save import save_state_dict
+from llamalocal.convert.checklist import md5_file
+from llamalocal.convert.params import ModelParams
+from llamalocal.convert.tensor_names import GLOBAL_TENSORS, LAYER_TENSORS, meta_names
+from llamalocal.convert.torch_save import save_state_dict
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _shard(meta_name: str, w: np.ndarray, n_shards: int) -> list[np.ndarray]:
 def random_weights(p: ModelParams, n_vocab: int, seed: int):
     """(meta_name, float32 array) in Meta's order: small normal weights, norms near 1."""
     rng = np.random.default_rng(seed)
-    from convert.convert import expected_shapes
+    from llamalocal.convert.convert import expected_shapes
 
     shapes = expected_shapes(p, n_vocab)
     for name in meta_names(p.n_layers):

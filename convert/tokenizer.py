@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gguf
 
-from llamalocal.errors import BadInputError
+from llamalocal.convert.errors import BadInputError
 
 TOKENIZER_FILE = "tokenizer.model"
 

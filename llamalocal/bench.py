@@ -14,18 +14,15 @@ usually are, counted as STREAM's "copy" counts it (bytes read + bytes written).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamalocal.convert import native
 from llamalocal.errors import BadInputError
-from llamalocal.perplexity import TokenBatch
 
 N_PROMPT = 512  # llama-bench -p default
 N_GEN = 128  # llama-bench -n default
@@ -85,51 +82,34 @@ def _sd(v: list[float]) -> float:
 # the two tests, on a loaded llama_cpp.Llama
 
 
-def _vocab(llm: Any) -> tuple[int, bool, int]:
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    return (int(llama_cpp.llama_vocab_n_tokens(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
-            int(llama_cpp.llama_vocab_bos(vocab)))
-
-
-def _clear(llm: Any) -> None:
-    import llama_cpp
-
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), False)
-
-
-def run_pp(llm: Any, batch: TokenBatch, n_prompt: int, n_batch: int, rng: Any) -> float:
+def run_pp(llm: Any, batch: native.TokenBatch, n_prompt: int, n_batch: int, rng: Any) -> float:
     """One prompt-processing run from an empty cache; seconds."""
-    import llama_cpp
-
-    n_vocab, add_bos, bos = _vocab(llm)
+    n_vocab, add_bos, bos = native.vocab_info(llm.model)
     tokens = rng.integers(0, n_vocab, size=n_prompt).astype("int32")
     if add_bos:
         tokens[0] = bos
-    _clear(llm)
+    native.clear_memory(llm.ctx, False)
     t0 = time.perf_counter()
     for b0 in range(0, n_prompt, n_batch):
         part = tokens[b0:b0 + n_batch]
         flags = [False] * len(part)
         flags[-1] = True  # llama_batch_get_one's default: logits of the last token only
         batch.set(part, b0, flags)
-        batch.decode(llm)
-    llama_cpp.llama_synchronize(llm.ctx)
+        batch.decode(llm.ctx)
+    native.synchronize(llm.ctx)
     return time.perf_counter() - t0
 
 
-def run_tg(llm: Any, batch: TokenBatch, n_gen: int, rng: Any) -> float:
+def run_tg(llm: Any, batch: native.TokenBatch, n_gen: int, rng: Any) -> float:
     """One generation run from an empty cache, one token per decode; seconds."""
-    import llama_cpp
-
-    n_vocab, add_bos, bos = _vocab(llm)
+    lc = native.llama()
+    n_vocab, add_bos, bos = native.vocab_info(llm.model)
     tokens = rng.integers(0, n_vocab, size=n_gen).astype("int32")
     if add_bos:
         tokens[0] = bos
-    _clear(llm)
+    native.clear_memory(llm.ctx, False)
     batch.set(tokens[:1], 0, True)
-    b, ctx, decode, sync = batch.batch, llm.ctx, llama_cpp.llama_decode, llama_cpp.llama_synchronize
+    b, ctx, decode, sync = batch.batch, llm.ctx, lc.llama_decode, lc.llama_synchronize
     toks = tokens.tolist()
     t0 = time.perf_counter()
     for pos in range(n_gen):
@@ -137,73 +117,28 @@ def run_tg(llm: Any, batch: TokenBatch, n_gen: int, rng: Any) -> float:
         b.token[0] = toks[pos]
         b.pos[0] = pos
         if decode(ctx, b) != 0:
-            batch.decode(llm)  # raises with the error message
+            batch.decode(ctx)  # raises with the error message
         sync(ctx)
     return time.perf_counter() - t0
-
-
-class _ThreadpoolParams(ctypes.Structure):
-    # ggml.h's struct ggml_threadpool_params
-    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
-                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
-
-
-@contextlib.contextmanager
-def cpu_threadpool(llm: Any, n_threads: int) -> Iterator[bool]:
-    """Attach a persistent ggml CPU threadpool to the context for the duration, as llama-bench does.
-
-    Without one (llama-cpp-python binds no llama_attach_threadpool) ggml starts and joins its
-    worker threads on every decode, which costs a small model a good part of its generation
-    speed. Best effort: yields False, and changes nothing, where the libraries do not allow it.
-    """
-    import llama_cpp
-
-    pool = None
-    try:
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        name = {"darwin": "libggml-cpu.dylib", "win32": "ggml-cpu.dll"}.get(sys.platform, "libggml-cpu.so")
-        ggml_base = ctypes.CDLL(str(lib_dir / name.replace("-cpu", "-base")))
-        ggml_cpu = ctypes.CDLL(str(lib_dir / name))
-        params = _ThreadpoolParams()
-        ggml_base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
-        ggml_cpu.ggml_threadpool_new.restype = ctypes.c_void_p
-        pool = ggml_cpu.ggml_threadpool_new(ctypes.byref(params))
-        llama_lib = llama_cpp.llama_cpp._lib
-        llama_lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        llama_lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-        ggml_cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
-    except (OSError, AttributeError):
-        pool = None
-    if not pool:
-        yield False
-        return
-    llama_lib.llama_attach_threadpool(llm.ctx, pool, pool)
-    try:
-        yield True
-    finally:
-        llama_lib.llama_detach_threadpool(llm.ctx)
-        ggml_cpu.ggml_threadpool_free(pool)
 
 
 def bench_loaded(llm: Any, *, n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repetitions: int = REPETITIONS,
                  threads: int | None = None, warmup: bool = True,
                  progress: ProgressFn | None = None) -> tuple[Rate | None, Rate | None]:
     """pp and tg rates of a loaded model (either test is skipped when its size is 0)."""
-    import llama_cpp
     import numpy as np
 
     if repetitions < 1:
         raise BadInputError(f"--repetitions must be 1 or more (got {repetitions})")
-    n_ctx = int(llama_cpp.llama_n_ctx(llm.ctx))
+    n_ctx, n_batch, ctx_threads = native.context_counts(llm.ctx)
     if max(n_prompt, n_gen) > n_ctx:
         raise BadInputError(f"the context ({n_ctx}) is smaller than the test ({max(n_prompt, n_gen)} tokens)")
     if threads is not None:
-        llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)  # as llama-bench: the same for pp and tg
-    n_batch = int(llama_cpp.llama_n_batch(llm.ctx))
+        native.set_threads(llm.ctx, threads)  # as llama-bench: the same for pp and tg
     rng = np.random.default_rng(0)
     say = progress or (lambda _msg: None)
-    n_threads = threads or int(llama_cpp.llama_n_threads(llm.ctx))
-    with TokenBatch(max(n_batch, 1)) as batch, cpu_threadpool(llm, n_threads):
+    n_threads = threads or ctx_threads
+    with native.TokenBatch(max(n_batch, 1)) as batch, native.cpu_threadpool(llm.ctx, n_threads):
         pp = tg = None
         if n_prompt > 0:
             if warmup:
@@ -223,7 +158,7 @@ def bench_loaded(llm: Any, *, n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repe
                 say(f"tg{n_gen}: run {r + 1}/{repetitions}")
                 secs.append(run_tg(llm, batch, n_gen, rng))
             tg = Rate.of(n_gen, secs)
-        _clear(llm)
+        native.clear_memory(llm.ctx, False)
         return pp, tg
 
 
@@ -290,8 +225,6 @@ def bench(path: str | Path, *, threads: int | None = None, n_gpu_layers: int | s
     Raises:
         BadInputError: sizes out of range; the runner's errors for bad files or placements.
     """
-    import llama_cpp
-
     from llamalocal.model_desc import read_model_desc
     from llamalocal.runner import load_model
 
@@ -309,8 +242,7 @@ def bench(path: str | Path, *, threads: int | None = None, n_gpu_layers: int | s
         ngl = int(loaded.n_gpu_layers)
         pp, tg = bench_loaded(llm, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                               threads=n_threads, progress=progress)
-        model_bytes = int(llama_cpp.llama_model_size(llm.model))
-        n_params = int(llama_cpp.llama_model_n_params(llm.model))
+        model_bytes, n_params = native.model_counts(llm.model)
     finally:
         llm.close()
     per_token = bytes_per_token(read_model_desc(path))

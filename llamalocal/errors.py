@@ -1,35 +1,20 @@
-"""The one family of errors llamalocal raises for things a user can fix.
-
-Library code raises these; only the CLI turns them into a one-line message and an exit code
-(2 for bad input, 1 for other failures, 130 for Ctrl-C). Real bugs are left as tracebacks.
-Every message says what is wrong and what to do next.
-"""
+"""llamalocal's errors: the converter's family (llamalocal.convert.errors), plus what running a
+model can meet. Import any of them from here outside the converter."""
 
 from __future__ import annotations
 
+from llamalocal.convert.errors import (
+    BadInputError,
+    CheckpointError,
+    ChecksumError,
+    DiskSpaceError,
+    LlamalocalError,
+    OutputExistsError,
+    UnsafePickleError,
+)
 
-class LlamalocalError(Exception):
-    """A failure the user can act on. `exit_code` is what the CLI exits with."""
-
-    exit_code = 1
-
-
-class BadInputError(LlamalocalError):
-    """The user's input (files, flags, checkpoint contents) is wrong: exit code 2."""
-
-    exit_code = 2
-
-
-class CheckpointError(BadInputError):
-    """A checkpoint that cannot be read: missing, truncated, corrupt or unsafe."""
-
-
-class UnsafePickleError(CheckpointError):
-    """The checkpoint's pickle asks for something a weight file never needs."""
-
-
-class ChecksumError(BadInputError):
-    """A file does not match its md5 in checklist.chk."""
+__all__ = ["BadInputError", "CheckpointError", "ChecksumError", "DiskSpaceError", "GGUFError", "LlamalocalError",
+           "ModelNotFoundError", "OutputExistsError", "PlanError", "UnsafePickleError"]
 
 
 class ModelNotFoundError(BadInputError):
@@ -42,11 +27,3 @@ class GGUFError(BadInputError):
 
 class PlanError(BadInputError):
     """The requested placement cannot fit (and --force was not given)."""
-
-
-class OutputExistsError(BadInputError):
-    """The output file exists and --force was not given."""
-
-
-class DiskSpaceError(LlamalocalError):
-    """Not enough free disk for the output."""

@@ -11,17 +11,13 @@ which is the real limit (about two-thirds to three-quarters of RAM), not all of 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 GiB = 1024**3
 MiB = 1024**2
 
-# ggml-backend.h: enum ggml_backend_dev_type
-_DEV_CPU, _DEV_GPU, _DEV_IGPU, _DEV_ACCEL, _DEV_META = range(5)
 _UNIFIED_BACKENDS = ("metal", "mtl")
 
 
@@ -74,75 +70,32 @@ class Hardware:
 # detection
 # ---------------------------------------------------------------------------------------------
 
-def _lib_dir() -> Path:
-    import llama_cpp
-
-    return Path(llama_cpp.__file__).resolve().parent / "lib"
-
-
-def _load_ggml() -> ctypes.CDLL:
-    """libggml from llama-cpp-python's own lib folder (the registry lives there)."""
-    import llama_cpp  # noqa: F401  # loads libllama and its ggml libraries first
-
-    lib_dir = _lib_dir()
-    candidates = sorted(lib_dir.glob("libggml.*")) + sorted(lib_dir.glob("ggml.dll"))
-    if not candidates:
-        raise OSError(f"no libggml in {lib_dir}")
-    lib = ctypes.CDLL(str(candidates[0]))
-    vp, sz, cs = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
-    for fn, args, res in (
-        ("ggml_backend_reg_count", [], sz), ("ggml_backend_reg_get", [sz], vp), ("ggml_backend_reg_name", [vp], cs),
-        ("ggml_backend_dev_count", [], sz), ("ggml_backend_dev_get", [sz], vp), ("ggml_backend_dev_name", [vp], cs),
-        ("ggml_backend_dev_description", [vp], cs), ("ggml_backend_dev_type", [vp], ctypes.c_int),
-        ("ggml_backend_dev_backend_reg", [vp], vp),
-        ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
-    ):
-        f = getattr(lib, fn)
-        f.argtypes, f.restype = args, res
-    if hasattr(lib, "ggml_backend_load_all"):
-        # builds with dynamic backends (GGML_BACKEND_DL) register nothing until asked
-        lib.ggml_backend_load_all.argtypes, lib.ggml_backend_load_all.restype = [], None
-        if lib.ggml_backend_reg_count() == 0:
-            lib.ggml_backend_load_all()
-    return lib
-
-
 def ggml_devices() -> tuple[list[str], list[Device]]:
     """(backend names, devices) as ggml's registry lists them. Accelerators first, CPU last."""
-    lib = _load_ggml()
-    backends = [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
-                for i in range(lib.ggml_backend_reg_count())]
+    from llamalocal.convert import native
+
     devices: list[Device] = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        dtype = lib.ggml_backend_dev_type(dev)
-        if dtype in (_DEV_ACCEL, _DEV_META):
+    for d in native.backend_devices():
+        if d["type"] in (native.DEV_ACCEL, native.DEV_META):
             continue  # BLAS/AMX work on CPU memory; meta devices wrap the real ones
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        backend = lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)).decode()
-        if dtype == _DEV_CPU:
+        if d["type"] == native.DEV_CPU:
             kind = "cpu"
-        elif dtype == _DEV_IGPU or backend.lower() in _UNIFIED_BACKENDS:
+        elif d["type"] == native.DEV_IGPU or d["backend"].lower() in _UNIFIED_BACKENDS:
             kind = "unified"
         else:
             kind = "gpu"
-        devices.append(Device(
-            name=lib.ggml_backend_dev_name(dev).decode(), kind=kind, total_bytes=total.value,
-            free_bytes=free.value, backend=backend,
-            description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
-        ))
+        devices.append(Device(name=d["name"], kind=kind, total_bytes=d["total"], free_bytes=d["free"],
+                              backend=d["backend"], description=d["description"]))
     devices.sort(key=lambda d: d.kind == "cpu")
-    return backends, devices
+    return native.backend_names(), devices
 
 
 def cpu_features() -> list[str]:
     """Features llama.cpp's CPU backend uses ("AVX2", "NEON", "REPACK", ...), from its system info."""
-    import llama_cpp
+    from llamalocal.convert import native
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
     feats = []
-    for part in info.replace("|", "\n").splitlines():
+    for part in native.system_info().replace("|", "\n").splitlines():
         if "=" in part:
             k, _, v = part.partition("=")
             if v.strip() == "1":

@@ -221,7 +221,7 @@ def reference_model(size: str, quant: str) -> ModelDesc:
     Raises:
         BadInputError: unknown size or preset.
     """
-    from convert.presets import parse_preset, tensor_type
+    from llamalocal.convert.presets import parse_preset, tensor_type
     from llamalocal.errors import BadInputError
 
     key = size.upper()

@@ -18,13 +18,13 @@ and top-1 agreement from the same scored positions.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamalocal.convert import native
 from llamalocal.errors import BadInputError, LlamalocalError
 
 DEFAULT_CTX = 512  # llama-perplexity's default, and the context the published tables use
@@ -98,80 +98,19 @@ def plan_chunks(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
 # decoding windows with llama.cpp's batch API
 
 
-class TokenBatch:
-    """A llama_batch for one sequence, filled through numpy views of its arrays: a Python loop of
-    ctypes stores costs more than decoding a token of a small model."""
-
-    def __init__(self, capacity: int) -> None:
-        import llama_cpp
-        import numpy as np
-
-        self.capacity = capacity
-        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        b = self.batch
-        self.token = np.ctypeslib.as_array(b.token, shape=(capacity,))
-        self.pos = np.ctypeslib.as_array(b.pos, shape=(capacity,))
-        self.logits = np.ctypeslib.as_array(b.logits, shape=(capacity,))
-        np.ctypeslib.as_array(b.n_seq_id, shape=(capacity,))[:] = 1
-        for k in range(capacity):  # once: every token belongs to sequence 0
-            b.seq_id[k][0] = 0
-
-    def set(self, tokens: Any, pos0: int, outputs: Any) -> int:
-        """Load `tokens` at positions pos0…; `outputs` (bool or bool array) marks the tokens whose
-        logits are wanted. Returns how many are."""
-        import numpy as np
-
-        n = len(tokens)
-        self.token[:n] = tokens
-        self.pos[:n] = np.arange(pos0, pos0 + n)
-        self.logits[:n] = outputs
-        self.batch.n_tokens = n
-        return int(np.count_nonzero(self.logits[:n]))
-
-    def decode(self, llm: Any) -> None:
-        import llama_cpp
-
-        rc = llama_cpp.llama_decode(llm.ctx, self.batch)
-        if rc != 0:
-            raise LlamalocalError(f"llama_decode failed with code {rc} (out of memory for this context?); "
-                                  "try a smaller --ctx")
-
-    def close(self) -> None:
-        import llama_cpp
-
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
-
-    def __enter__(self) -> TokenBatch:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def last_logits(llm: Any, n_out: int, n_vocab: int) -> Any:
-    """A copy of the logits of the last decode's outputs, (n_out, n_vocab) float32."""
-    import llama_cpp
-    import numpy as np
-
-    ptr = ctypes.cast(llama_cpp.llama_get_logits(llm.ctx), ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(ptr, shape=(n_out * n_vocab,)).reshape(n_out, n_vocab).copy()
-
-
-def _decode_window(llm: Any, batch: TokenBatch, window: Any, first: int, n_batch: int, n_vocab: int) -> Any:
+def _decode_window(llm: Any, batch: native.TokenBatch, window: Any, first: int, n_batch: int,
+                   n_vocab: int) -> Any:
     """Decode one window from an empty cache; logits (float32) of positions first … len-1."""
-    import llama_cpp
     import numpy as np
 
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    native.clear_memory(llm.ctx, True)
     rows = []
     for b0 in range(0, len(window), n_batch):
         part = window[b0:b0 + n_batch]
         n_out = batch.set(part, b0, np.arange(b0, b0 + len(part)) >= first)
-        batch.decode(llm)
+        batch.decode(llm.ctx)
         if n_out:
-            rows.append(last_logits(llm, n_out, n_vocab))
+            rows.append(native.last_logits(llm.ctx, n_out, n_vocab))
     return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
 
@@ -181,19 +120,16 @@ def score_windows(llm: Any, tokens: list[int], n_ctx: int, n_chunks: int) -> Ite
     The context of `llm` must hold `n_ctx` tokens; its n_batch may be smaller (windows are then
     decoded in several batches, as llama-perplexity does).
     """
-    import llama_cpp
     import numpy as np
 
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-    bos = int(llama_cpp.llama_vocab_bos(vocab))
-    n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-    n_batch = min(int(llama_cpp.llama_n_batch(llm.ctx)), n_ctx)
-    if int(llama_cpp.llama_n_ctx(llm.ctx)) < n_ctx:
-        raise LlamalocalError(f"the model was loaded with a context of {llama_cpp.llama_n_ctx(llm.ctx)} tokens, "
+    n_vocab, add_bos, bos = native.vocab_info(llm.model)
+    ctx_size, ctx_batch, _ = native.context_counts(llm.ctx)
+    n_batch = min(ctx_batch, n_ctx)
+    if ctx_size < n_ctx:
+        raise LlamalocalError(f"the model was loaded with a context of {ctx_size} tokens, "
                               f"less than the {n_ctx} perplexity needs")
     first = n_ctx // 2
-    with TokenBatch(n_batch) as batch:
+    with native.TokenBatch(n_batch) as batch:
         for i in range(n_chunks):
             start = i * n_ctx
             window = np.array(tokens[start:start + n_ctx], dtype=np.int32)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamalocal.convert import native
 from llamalocal.errors import BadInputError, GGUFError, PlanError
 
 DEFAULT_CTX_CAP = 4096  # the model's own context, capped: a 4096-token f16 KV of 70B is 1.25 GiB
@@ -258,7 +259,6 @@ def stream_tokens(llm: Any, tokens: list[int], *, max_tokens: int | None = None,
         stats.stop = "length"
         return
     llm.set_seed(sampling.seed if sampling.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
-    vocab = llm._model.vocab  # for llama_vocab_is_eog, as llama-cpp-python itself does
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     start = time.perf_counter()
     first = 0.0
@@ -272,11 +272,11 @@ def stream_tokens(llm: Any, tokens: list[int], *, max_tokens: int | None = None,
             else:
                 stats.n_decoded = i
                 stats.gen_s = now - first
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if native.is_eog(llm.model, token):
                 stats.stop = "eos"
                 break
             stats.n_generated += 1
-            text = decoder.decode(llm.detokenize([token]))
+            text = decoder.decode(native.token_piece(llm.model, token))  # whole, however long
             if text:
                 yield text
             if stats.n_generated >= limit:

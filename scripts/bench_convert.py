@@ -68,8 +68,8 @@ def main() -> None:
                     "(default: dropped from it, as after a download or reboot, where permitted)")
     a = ap.parse_args()
 
-    from convert.params import ModelParams
-    from convert.sample import SampleSpec, build_sample
+    from llamalocal.convert.params import ModelParams
+    from llamalocal.convert.sample import SampleSpec, build_sample
 
     llama_cpp_src = llama_cpp_source(a.sdist)
     a.work.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.params import ModelParams  # noqa: E402
-from convert.sample import SampleSpec, build_sample  # noqa: E402
+from llamalocal.convert.params import ModelParams  # noqa: E402
+from llamalocal.convert.sample import SampleSpec, build_sample  # noqa: E402
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
         for p in root.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
         return root
-    from convert.params import ModelParams
-    from convert.sample import SampleSpec, build_sample
+    from llamalocal.convert.params import ModelParams
+    from llamalocal.convert.sample import SampleSpec, build_sample
 
     v1 = SampleSpec(params=ModelParams(dim=256, n_layers=4, n_heads=4, multiple_of=256, norm_eps=1e-6), n_shards=2)
     build_sample(root, "tiny-v1", v1)
@@ -51,7 +51,7 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def converted(tiny_checkpoints, tmp_path_factory) -> Callable[[str, str], Path]:
     """converted("tiny-v1", "q4_0") -> path of that checkpoint converted by llamalocal at that preset."""
-    from convert.convert import convert
+    from llamalocal.convert.convert import convert
 
     out_dir = tmp_path_factory.mktemp("gguf")
     cache: dict[tuple[str, str], Path] = {}
@@ -71,6 +71,6 @@ def heldout_text() -> str:
     path = META_TINY / "heldout.txt"
     if path.is_file():
         return path.read_text()
-    from convert.sample import _corpus
+    from llamalocal.convert.sample import _corpus
 
     return "\n".join(_corpus()[:800])

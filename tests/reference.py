@@ -54,7 +54,7 @@ def load_merged(model_dir, split_dims: dict[str, int | None]) -> dict[str, np.nd
     """Every tensor of a Meta checkpoint directory merged with plain numpy (for the reference)."""
     from pathlib import Path
 
-    from convert.checkpoint import open_checkpoint
+    from llamalocal.convert.checkpoint import open_checkpoint
 
     files = sorted(Path(model_dir).glob("consolidated.*.pth"))
     parts: dict[str, list[np.ndarray]] = {}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import convert.checklist as checklist
-from convert.checklist import read_checklist, verify_checklist
+import llamalocal.convert.checklist as checklist
+from llamalocal.convert.checklist import read_checklist, verify_checklist
 from llamalocal.errors import BadInputError, ChecksumError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import convert.torch_save as torch_save
-from convert.checkpoint import BF16, open_checkpoint
-from convert.direct_io import aligned_empty
-from convert.torch_save import save_state_dict, to_bf16, write_raw_checkpoint
+import llamalocal.convert.torch_save as torch_save
+from llamalocal.convert.checkpoint import BF16, open_checkpoint
+from llamalocal.convert.direct_io import aligned_empty
+from llamalocal.convert.torch_save import save_state_dict, to_bf16, write_raw_checkpoint
 from llamalocal.errors import CheckpointError, UnsafePickleError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

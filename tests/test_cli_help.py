@@ -33,6 +33,6 @@ def test_help_does_not_import_llama_cpp():
 
 
 def test_preset_flags_are_the_presets():
-    from convert.presets import PRESETS
+    from llamalocal.convert.presets import PRESETS
 
     assert sorted(PRESET_FLAGS) == sorted(PRESETS)

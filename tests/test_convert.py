@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from reference import forward, load_merged
 
-from convert.convert import convert
-from convert.params import ModelParams, load_params
-from convert.sample import SampleSpec, build_sample
+from llamalocal.convert.convert import convert
+from llamalocal.convert.params import ModelParams, load_params
+from llamalocal.convert.sample import SampleSpec, build_sample
 
 # Meta's model.py, written out independently of convert.tensor_names
 SPLIT = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
@@ -43,7 +43,7 @@ def assert_logits_match(model_dir, gguf_path, tokens):
 
 
 def _names(model_dir):
-    from convert.checkpoint import open_checkpoint
+    from llamalocal.convert.checkpoint import open_checkpoint
 
     with open_checkpoint(sorted(model_dir.glob("consolidated.*.pth"))[0]) as ck:
         return list(ck.tensors)
@@ -88,8 +88,8 @@ def test_block_and_chunk_sizes_do_not_change_a_byte(tmp_path, monkeypatch, prese
     """4 shards in many small blocks (each row-parallel block glued from 4 slices, column-parallel
     blocks ending at shard boundaries) and tiny cache chunks give the tensors of the same weights
     saved unsharded and converted whole."""
-    import convert.convert as cc
-    import convert.quantize as qz
+    import llamalocal.convert.convert as cc
+    import llamalocal.convert.quantize as qz
 
     p = ModelParams(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64, norm_eps=1e-5)
     one = build_sample(tmp_path / "one", "m", SampleSpec(params=p, n_shards=1, dtype="f16", vocab_size=400))
@@ -138,8 +138,8 @@ def test_code_llama_vocab_padding_and_rope_theta(tmp_path):
     build_sample(tok_dir, "x", SampleSpec(params=p, vocab_size=400))
     import json
 
-    from convert.sample import random_weights
-    from convert.torch_save import save_state_dict
+    from llamalocal.convert.sample import random_weights
+    from llamalocal.convert.torch_save import save_state_dict
 
     d = tmp_path / "CodeLlama-7b"
     d.mkdir()

@@ -11,9 +11,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from convert.params import ModelParams
-from convert.sample import SampleSpec, build_sample
 from llamalocal.cli import main
+from llamalocal.convert.params import ModelParams
+from llamalocal.convert.sample import SampleSpec, build_sample
 
 
 @pytest.fixture
@@ -111,8 +111,8 @@ def test_shapes_inconsistent_with_params(sample):
 
 
 def test_unknown_tensor_names(sample, tmp_path):
-    from convert.checkpoint import open_checkpoint
-    from convert.torch_save import save_state_dict
+    from llamalocal.convert.checkpoint import open_checkpoint
+    from llamalocal.convert.torch_save import save_state_dict
 
     for f in sorted(sample.glob("consolidated.*.pth")):
         with open_checkpoint(f) as ck:
@@ -128,8 +128,8 @@ def test_nan_weight_names_the_tensor(sample, tensor):
     error naming the tensor, not a traceback or a silently broken file."""
     import numpy as np
 
-    from convert.checkpoint import open_checkpoint
-    from convert.torch_save import save_state_dict
+    from llamalocal.convert.checkpoint import open_checkpoint
+    from llamalocal.convert.torch_save import save_state_dict
 
     f = sample / "consolidated.01.pth"
     with open_checkpoint(f) as ck:
@@ -140,7 +140,7 @@ def test_nan_weight_names_the_tensor(sample, tensor):
 
 
 def test_malicious_pickle_is_refused_and_never_runs(sample, tmp_path):
-    from convert.torch_save import write_raw_checkpoint
+    from llamalocal.convert.torch_save import write_raw_checkpoint
 
     marker = tmp_path / "pwned"
     payload = (b"\x80\x02cos\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
@@ -152,7 +152,7 @@ def test_malicious_pickle_is_refused_and_never_runs(sample, tmp_path):
 
 def test_no_partial_file_when_interrupted(sample, tmp_path, monkeypatch):
     """An error in the middle of writing (as Ctrl-C or a full disk would be) leaves no file behind."""
-    import convert.convert as cc
+    import llamalocal.convert.convert as cc
 
     calls = {"n": 0}
     real = cc.quantize_block
@@ -225,7 +225,7 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
 def test_not_enough_disk_is_refused_before_writing(sample, tmp_path, monkeypatch):
     import shutil as sh
 
-    import convert.convert as cc
+    import llamalocal.convert.convert as cc
 
     real = sh.disk_usage
     monkeypatch.setattr(cc.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
@@ -239,8 +239,8 @@ def test_damage_that_breaks_the_weights_is_reported_as_the_md5_mismatch(sample):
     reported as what it is, a download whose md5 does not match, naming the file."""
     import numpy as np
 
-    from convert.checkpoint import open_checkpoint
-    from convert.torch_save import save_state_dict
+    from llamalocal.convert.checkpoint import open_checkpoint
+    from llamalocal.convert.torch_save import save_state_dict
 
     f = sample / "consolidated.01.pth"
     with open_checkpoint(f) as ck:
@@ -268,7 +268,7 @@ def test_disk_filling_up_mid_write_is_one_line_and_leaves_nothing(sample, tmp_pa
 
 
 def test_unwritable_output_folder_is_refused_first(sample, tmp_path, monkeypatch):
-    import convert.convert as cc
+    import llamalocal.convert.convert as cc
 
     monkeypatch.setattr(cc.os, "access", lambda p, mode: False)
     code, out = run("convert", sample, "--q8_0", "--quiet", "-o", tmp_path / "o.gguf")
@@ -278,7 +278,7 @@ def test_unwritable_output_folder_is_refused_first(sample, tmp_path, monkeypatch
 def test_one_progress_bar_counts_md5_and_output_bytes(sample, tmp_path):
     """md5 hashing runs alongside the conversion; the single bar's total is the bytes hashed plus
     the bytes written, and it ends exactly full."""
-    from convert.convert import convert
+    from llamalocal.convert.convert import convert
 
     class Recorder:
         def __init__(self):

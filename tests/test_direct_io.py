@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from convert import direct_io
-from convert.direct_io import ALIGN, AppendWriter, BlockReader, aligned_empty
+from llamalocal.convert import direct_io
+from llamalocal.convert.direct_io import ALIGN, AppendWriter, BlockReader, aligned_empty
 
 RANGES = [(0, 1), (0, ALIGN), (1, ALIGN), (ALIGN - 1, 2), (5000, 3 * ALIGN + 17), (12345, 0), (0, 40000)]
 

@@ -18,8 +18,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from convert.presets import PRESETS, Preset, parse_preset, tensor_type, use_more_bits  # noqa: E402
-from convert.quantize import quantize_rows  # noqa: E402
+from llamalocal.convert.presets import PRESETS, Preset, parse_preset, tensor_type, use_more_bits  # noqa: E402
+from llamalocal.convert.quantize import quantize_rows  # noqa: E402
 from llamalocal.errors import BadInputError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------

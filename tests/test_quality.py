@@ -20,7 +20,7 @@ def peer(converted, tmp_path_factory):
     """peer(model, preset) -> llama_model_quantize(f16 GGUF of the same checkpoint, preset)."""
     import llama_cpp
 
-    from convert.presets import parse_preset
+    from llamalocal.convert.presets import parse_preset
 
     out = tmp_path_factory.mktemp("peer")
     cache = {}

@@ -10,7 +10,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (which ships ggml's qu
 from gguf import GGML_QUANT_SIZES, quants  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from convert import quantize as qz  # noqa: E402
+from llamalocal.convert import quantize as qz  # noqa: E402
 
 # Every type the presets can produce (defaults, bumps and fallbacks).
 PRESET_TYPES = [Q.F16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]

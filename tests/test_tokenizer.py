@@ -6,8 +6,8 @@ import gguf
 import pytest
 from conftest import LLAMA_TOKENIZER, META_TINY
 
-from convert.gguf_out import StreamingGGUFWriter
-from convert.tokenizer import add_to_gguf, find_tokenizer, load_vocab
+from llamalocal.convert.gguf_out import StreamingGGUFWriter
+from llamalocal.convert.tokenizer import add_to_gguf, find_tokenizer, load_vocab
 from llamalocal.errors import BadInputError
 
 STRINGS = [
@@ -81,7 +81,7 @@ def test_tiny_tokenizer_matches_sentencepiece(tmp_path):
 
 
 def test_trained_sample_tokenizer_matches_sentencepiece(tmp_path):
-    from convert.sample import train_tokenizer
+    from llamalocal.convert.sample import train_tokenizer
 
     (tmp_path / "tokenizer.model").write_bytes(train_tokenizer(400))
     check_tokenizer(tmp_path / "tokenizer.model", tmp_path)

@@ -87,8 +87,8 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
       llamalocal convert 13B --q4_0
       llamalocal convert ~/llama/llama-2-7b-chat --q5_k_m -o chat-q5.gguf
     """
-    from convert.convert import convert as run_convert
-    from convert.presets import parse_preset
+    from llamalocal.convert.convert import convert as run_convert
+    from llamalocal.convert.presets import parse_preset
     from llamalocal.errors import BadInputError
     from llamalocal.paths import resolve_model_dir
 
