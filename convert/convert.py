@@ -23,7 +23,7 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from llamalocal.convert import presets
+from llamalocal.convert import presets, verified
 from llamalocal.convert.checklist import read_checklist, verify_checklist
 from llamalocal.convert.checkpoint import open_checkpoint
 from llamalocal.convert.direct_io import aligned_empty
@@ -82,6 +82,7 @@ class ConvertResult:
     seconds: float
     tensors: list[TensorPlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was verified and how
 
     @property
     def bits_per_weight(self) -> float:
@@ -305,19 +306,38 @@ class _SharedProgress:
 
 
 def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, progress: Progress,
-                     cancel: threading.Event, warnings: list[str]) -> tuple[list[Future], int]:
+                     cancel: threading.Event, warnings: list[str], notes: list[str],
+                     reverify: bool) -> tuple[list[Future], int]:
     """Start checking checklist.chk and tokenizer_checklist.chk on `pool`, alongside the
-    conversion (the output is published only after every sum matched). Returns the pending
-    checks and the bytes they will hash."""
+    conversion (the output is published only after every sum matched). Files verified in an
+    earlier run and unchanged since (convert.verified) are not hashed again unless `reverify`.
+    Returns the pending checks and the bytes they will hash."""
     checks, nbytes = [], 0
     for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
         if not (folder / listing).is_file():
             warnings.append(f"no {listing} in {folder}: file integrity not verified")
             continue
-        listed = read_checklist(folder / listing)  # a malformed list is an error now, not later
-        nbytes += sum((folder / f).stat().st_size for f in listed if (folder / f).is_file())
-        checks.append(pool.submit(verify_checklist, folder, progress=progress.advance, checklist=listing,
-                                  cancel=cancel))
+        sums = read_checklist(folder / listing)  # a malformed list is an error now, not later
+        earlier = {} if reverify else {n: when for n, md5 in sums.items()
+                                       if (when := verified.verified_on(folder / n, md5)) is not None}
+        todo = [n for n in sums if n not in earlier]
+        if earlier:
+            days = sorted(set(earlier.values()))
+            notes.append(f"{listing}: {len(earlier)} of {len(sums)} files taken as verified without hashing "
+                         f"(their md5 matched on {', '.join(days)} and their size, mtime, ctime and inode are "
+                         "unchanged since; --verify hashes them again)")
+        if not todo:
+            continue
+        notes.append(f"{listing}: {len(todo)} file{'s' if len(todo) > 1 else ''} checked by md5 now")
+        nbytes += sum((folder / f).stat().st_size for f in todo if (folder / f).is_file())
+
+        def check(folder: Path = folder, listing: str = listing, todo: list[str] = todo,
+                  sums: dict[str, str] = sums) -> list[str]:
+            done = verify_checklist(folder, todo, progress=progress.advance, checklist=listing, cancel=cancel)
+            verified.remember({folder / n: sums[n] for n in done})
+            return done
+
+        checks.append(pool.submit(check))
     return checks, nbytes
 
 
@@ -328,7 +348,7 @@ def _raise_failed(checks: list[Future]) -> None:
 
 
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
-            force: bool = False, verify: bool = True, n_ctx: int | None = None, threads: int | None = None,
+            force: bool = False, verify: bool = True, reverify: bool = False, n_ctx: int | None = None, threads: int | None = None,
             name: str | None = None, progress: Progress | None = None) -> ConvertResult:
     """Convert a Meta checkpoint directory to one GGUF file.
 
@@ -338,7 +358,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         outfile: output path; default MODEL_DIR/ggml-model-<preset>.gguf.
         force: overwrite an existing output.
         verify: check checklist.chk / tokenizer_checklist.chk md5 sums; they are hashed alongside
-            the conversion and the output is published only if every sum matches.
+            the conversion and the output is published only if every sum matches. Files verified
+            before and unchanged since are taken as verified (convert.verified).
+        reverify: hash every listed file even if it was verified before.
         n_ctx: context length to record; default Meta's (2048 LLaMA-1, 4096 Llama-2, 16384 Code Llama).
         threads: worker threads; default every core.
         progress: receives stages and byte counts.
@@ -369,13 +391,14 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     files = shard_files(model_dir)
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
+    notes: list[str] = []
     n_workers = threads or os.cpu_count() or 1
     shared = _SharedProgress(progress)
     cancel = threading.Event()
     with ThreadPoolExecutor(2) as hashers, ExitStack() as stack:
         stack.callback(cancel.set)  # however this ends, stop hashing first
-        checks, hashed_bytes = (_start_verifying(model_dir, tok_path, hashers, shared, cancel, warnings)
-                                if verify else ([], 0))
+        checks, hashed_bytes = (_start_verifying(model_dir, tok_path, hashers, shared, cancel, warnings, notes,
+                                                 reverify) if verify else ([], 0))
         try:
             vocab = load_vocab(tok_path)
             shards = [stack.enter_context(open_checkpoint(f)) for f in files]
@@ -416,7 +439,8 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             raise
 
     n_params = sum(int(_numel(t.shape)) for t in plans)
-    return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings)
+    return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings,
+                         notes)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llamalocal.convert import native
+
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned; 4 KiB suits every disk
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -71,6 +73,9 @@ def _no_cache_hint(fd: int) -> None:
 class BlockReader:
     """Reads byte ranges of one file into caller-owned buffers, from any thread.
 
+    A range already wholly in the page cache is copied from there (memory speed, cache left as it
+    was); any other is read with direct I/O (disk speed, the cache left alone).
+
     `read(offset, nbytes, buf)` fills `buf` (at least `buffer_size(nbytes)` bytes, from
     `aligned_empty`) and returns the view of `buf` holding exactly those bytes.
     """
@@ -81,10 +86,11 @@ class BlockReader:
         self._direct_fd = _open_direct(self.path, os.O_RDONLY) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
+        self.cached_bytes = 0  # bytes found in the page cache and copied from there
 
     @property
     def direct(self) -> bool:
-        """Whether reads bypass the page cache."""
+        """Whether reads that miss the page cache bypass it."""
         return self._direct_fd is not None
 
     @staticmethod
@@ -93,6 +99,14 @@ class BlockReader:
         return _round_up(nbytes) + ALIGN
 
     def read(self, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
+        if self._direct_fd is not None and native.cached_fraction(self._fd, offset, nbytes) == 1.0:
+            # already in the page cache (a just-downloaded or recently read checkpoint): copy it from
+            # there at memory speed, and leave the cache as the user had it
+            got = self._pread(self._fd, buf[:nbytes], offset)
+            if got < nbytes:
+                raise EOFError(f"{self.path}: {got} of {nbytes} bytes at offset {offset}")
+            self.cached_bytes += nbytes
+            return buf[:nbytes]
         if self._direct_fd is not None:
             start = offset - offset % ALIGN
             span = _round_up(offset + nbytes) - start

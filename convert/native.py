@@ -192,6 +192,53 @@ def widen_f16(src: int, dst: int, n: int, *, bf16: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# libc: is a byte range of a file already in the page cache?
+# ---------------------------------------------------------------------------------------------
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if sys.platform not in ("linux", "darwin"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes, libc.mmap.restype = [vp, sz, c_int, c_int, c_int, ctypes.c_long], vp
+        libc.munmap.argtypes, libc.munmap.restype = [vp, sz], c_int
+        libc.mincore.argtypes, libc.mincore.restype = [vp, sz, ctypes.POINTER(ctypes.c_ubyte)], c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_PROT_READ, _MAP_SHARED = 1, 1
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def cached_fraction(fd: int, offset: int, length: int) -> float | None:
+    """The fraction of the pages holding bytes [offset, offset + length) of open file `fd` that are
+    in the page cache (mincore on a mapping that is never touched, so nothing is read); None where
+    the OS cannot tell."""
+    import mmap
+
+    libc = _libc()
+    if libc is None or length <= 0:
+        return None
+    page = mmap.PAGESIZE
+    start = offset - offset % page
+    span = offset + length - start
+    addr = libc.mmap(None, span, _PROT_READ, _MAP_SHARED, fd, start)
+    if addr is None or addr == _MAP_FAILED:
+        return None
+    try:
+        n = -(-span // page)
+        vec = (ctypes.c_ubyte * n)()
+        if libc.mincore(addr, span, vec) != 0:
+            return None
+        return (n - bytes(vec).count(0)) / n  # Linux sets bit 0 only; macOS's other bits mean resident too
+    finally:
+        libc.munmap(addr, span)
+
+
+# ---------------------------------------------------------------------------------------------
 # ggml: the backend registry
 # ---------------------------------------------------------------------------------------------
 

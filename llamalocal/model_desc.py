@@ -1,7 +1,7 @@
 """What a model needs, read from its GGUF header only: shapes, and bytes per layer.
 
-The planner works from a `ModelDesc`. `read_model_desc` fills one from a real file without
-touching tensor data (gguf-py's reader memory-maps the file; only the header pages are read).
+The planner works from a `ModelDesc`. `read_model_desc` fills one from a real file's header
+(llamalocal.gguf_header: tensor data and the vocabulary are never read).
 `reference_model` builds one for the real LLaMA sizes at a preset, from the per-tensor types
 llama.cpp's quantizer would choose (convert.presets.tensor_type) — no file needed, which is what
 `requirements` and the planner tests use.
@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalocal.errors import GGUFError, ModelNotFoundError
+from llamalocal.errors import GGUFError
 
-GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
@@ -64,19 +63,9 @@ class ModelDesc:
 # from a GGUF file
 # ---------------------------------------------------------------------------------------------
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def _type_name(t) -> str:
-    return t.name.lower()
-
-
 def read_model_desc(path: str | Path) -> ModelDesc:
-    """Describe the model in a GGUF file from its header.
+    """Describe the model in a GGUF file from its header (llamalocal.gguf_header: the vocabulary
+    is skipped, not read, so this costs the same for 32k and 128k tokens).
 
     Args:
         path: a .gguf file.
@@ -91,45 +80,39 @@ def read_model_desc(path: str | Path) -> ModelDesc:
     """
     import gguf
 
-    p = Path(path)
-    if not p.is_file():
-        raise ModelNotFoundError(f"no such file: {p}")
-    file_bytes = p.stat().st_size
-    with p.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{p} is not a GGUF file (starts with {magic!r}); convert it with `llamalocal convert`")
-    try:
-        reader = gguf.GGUFReader(str(p), "r")
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on a cut header
-        raise GGUFError(f"{p}: unreadable GGUF header ({type(e).__name__}: {e}); the file is damaged or "
-                        "truncated, convert it again") from None
+    from llamalocal.gguf_header import read_header
 
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > file_bytes:
-        raise GGUFError(f"{p} is truncated: its tensors need {end:,} bytes but the file has {file_bytes:,}; "
+    h = read_header(path)
+    p = h.path
+    end = max((t.offset + t.n_bytes for t in h.tensors), default=0)
+    if end > h.file_bytes:
+        raise GGUFError(f"{p} is truncated: its tensors need {end:,} bytes but the file has {h.file_bytes:,}; "
                         "convert or download it again")
 
-    arch = str(_field(reader, gguf.Keys.General.ARCHITECTURE, ""))
-    if not arch:
+    arch = h.get(gguf.Keys.General.ARCHITECTURE, "")
+    if not arch or not isinstance(arch, str):
         raise GGUFError(f"{p}: no general.architecture in the header; not a model GGUF")
 
-    def key(template: str, default=None):
-        v = _field(reader, template.format(arch=arch), default)
+    def key(template: str, default=None) -> int:
+        v = h.arch_key(template, default)
         if v is None:
             raise GGUFError(f"{p}: header lacks {template.format(arch=arch)}; not a usable {arch} model")
-        return v
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise GGUFError(f"{p}: {template.format(arch=arch)} is {v!r}, not a number; the file is corrupt")
+        return int(v)
 
-    n_layers = int(key(gguf.Keys.LLM.BLOCK_COUNT))
-    n_embd = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
-    n_head = int(key(gguf.Keys.Attention.HEAD_COUNT))
-    n_head_kv = int(key(gguf.Keys.Attention.HEAD_COUNT_KV, n_head))
-    n_ff = int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, 0))
-    n_ctx_train = int(key(gguf.Keys.LLM.CONTEXT_LENGTH))
-    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
-    n_vocab = int(_field(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=arch), 0) or (len(tokens.data) if tokens else 0))
+    n_layers = key(gguf.Keys.LLM.BLOCK_COUNT)
+    n_embd = key(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    n_head = key(gguf.Keys.Attention.HEAD_COUNT)
+    n_head_kv = key(gguf.Keys.Attention.HEAD_COUNT_KV, n_head)
+    n_ff = key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, 0)
+    n_ctx_train = key(gguf.Keys.LLM.CONTEXT_LENGTH)
+    if n_head <= 0 or n_embd <= 0 or n_layers < 0 or n_embd % n_head:
+        raise GGUFError(f"{p}: inconsistent shape (n_embd {n_embd}, n_head {n_head}, n_layer {n_layers})")
+    tokens = h.get(gguf.Keys.Tokenizer.LIST)
+    n_vocab = key(gguf.Keys.LLM.VOCAB_SIZE, 0) or (len(tokens) if tokens is not None else 0)
 
-    ftype_id = _field(reader, gguf.Keys.General.FILE_TYPE)
+    ftype_id = h.get(gguf.Keys.General.FILE_TYPE)
     try:
         file_type = gguf.LlamaFileType(int(ftype_id)).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
     except (TypeError, ValueError):
@@ -141,9 +124,9 @@ def read_model_desc(path: str | Path) -> ModelDesc:
     token_embd = output = other = 0
     output_type = token_embd_type = ""
     n_params = 0
-    for t in reader.tensors:
-        nbytes, tname = int(t.n_bytes), _type_name(t.tensor_type)
-        n_params += int(t.n_elements)
+    for t in h.tensors:
+        nbytes, tname = t.n_bytes, t.type.name.lower()
+        n_params += t.n_elements
         type_bytes[tname] = type_bytes.get(tname, 0) + nbytes
         m = _BLOCK.match(t.name)
         if m and int(m.group(1)) < n_layers:
@@ -165,10 +148,10 @@ def read_model_desc(path: str | Path) -> ModelDesc:
         output += token_embd
         output_type = token_embd_type
 
-    name = str(_field(reader, gguf.Keys.General.NAME, "") or p.stem)
+    name = h.get(gguf.Keys.General.NAME) or p.stem
     return ModelDesc(
-        name=name, arch=arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, file_type=file_type, file_bytes=file_bytes,
+        name=str(name), arch=arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, file_type=file_type, file_bytes=h.file_bytes,
         layer_bytes=layer_bytes, token_embd_bytes=token_embd, output_bytes=output, other_bytes=other,
         tensor_type_bytes=type_bytes, n_params=n_params, layer_type_bytes=layer_type_bytes,
         output_type=output_type, token_embd_type=token_embd_type,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Tests never read or write the user's cache (the record of verified downloads): this process and
+# every CLI child it starts use a fresh one.
+os.environ["LLAMALOCAL_CACHE"] = tempfile.mkdtemp(prefix="llamalocal-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,3 +80,21 @@ def heldout_text() -> str:
     from llamalocal.convert.sample import _corpus
 
     return "\n".join(_corpus()[:800])
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_source() -> Path:
+    """vendor/llama.cpp of the pinned llama-cpp-python sdist (its tools' sources, vocab test files),
+    unpacked in the peer cache; pip downloads the sdist from PyPI the first time."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from peer_tools import llama_cpp_source as source
+
+    return source(None)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_models(llama_cpp_source) -> Path:
+    """llama.cpp's models/ folder: vocab-only GGUFs of real tokenizers and their test vectors."""
+    return llama_cpp_source / "models"

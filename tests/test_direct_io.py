@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from llamalocal.convert import direct_io
+from llamalocal.convert import direct_io, native
 from llamalocal.convert.direct_io import ALIGN, AppendWriter, BlockReader, aligned_empty
 
 RANGES = [(0, 1), (0, ALIGN), (1, ALIGN), (ALIGN - 1, 2), (5000, 3 * ALIGN + 17), (12345, 0), (0, 40000)]
@@ -62,9 +62,34 @@ def test_falls_back_when_the_filesystem_refuses_direct_reads(data_file, monkeypa
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", refuse)
+    monkeypatch.setattr(native, "cached_fraction", lambda fd, offset, n: 0.0)  # as if cold: go direct
     buf = aligned_empty(BlockReader.buffer_size(9000))
     assert r.read(100, 9000, buf).tobytes() == data[100:9100]
     assert not r.direct
+    r.close()
+
+
+def test_cached_ranges_come_from_the_page_cache_cold_ones_from_disk(tmp_path):
+    path = tmp_path / "blocks.bin"
+    data = np.random.default_rng(1).integers(0, 256, 64 * ALIGN, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: evicted
+        frac = native.cached_fraction(f.fileno(), 0, len(data))
+    r = BlockReader(path)
+    if not r.direct or frac is None or frac > 0:
+        r.close()
+        pytest.skip("this filesystem cannot evict the file's pages or take O_DIRECT; nothing to tell apart")
+    buf = aligned_empty(BlockReader.buffer_size(len(data)))
+    assert r.read(5, 20 * ALIGN, buf).tobytes() == data[5:5 + 20 * ALIGN]
+    assert r.cached_bytes == 0  # cold: read directly, and still not cached afterwards
+    with open(path, "rb") as f:
+        assert native.cached_fraction(f.fileno(), 0, 20 * ALIGN) == 0.0
+        f.seek(32 * ALIGN)
+        f.read(16 * ALIGN)  # the user reads part of it: those pages are now cached
+    assert r.read(33 * ALIGN + 7, 10 * ALIGN, buf).tobytes() == data[33 * ALIGN + 7:43 * ALIGN + 7]
+    assert r.cached_bytes == 10 * ALIGN
     r.close()
 
 

@@ -61,13 +61,16 @@ def _preset_flags(f):
               help="Output file. Default: MODEL_DIR/ggml-model-<preset>.gguf.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-verify", is_flag=True, help="Skip the checklist.chk md5 verification.")
+@click.option("--verify", "reverify", is_flag=True,
+              help="Hash every file listed in checklist.chk, even those verified by an earlier conversion and "
+                   "unchanged since (which are otherwise taken as verified).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
               help="Context length to record. Default: 2048 (LLaMA-1), 4096 (Llama-2), 16384 (Code Llama).")
 @threads_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr).")
 @models_dir_option
 def convert(model: str, preset_flag: str | None, preset_type: str | None, outfile: Path | None, force: bool,
-            no_verify: bool, n_ctx: int | None, threads: int | None, quiet: bool, models_dir: Path | None) -> None:
+            no_verify: bool, reverify: bool, n_ctx: int | None, threads: int | None, quiet: bool, models_dir: Path | None) -> None:
     """Convert a Meta LLaMA checkpoint to one GGUF file, quantized in one streaming pass.
 
     MODEL is a folder with params.json and consolidated.NN.pth files (tokenizer.model there or in
@@ -98,12 +101,17 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
     model_dir = resolve_model_dir(model, models_dir)
     bar = None if quiet else _TqdmProgress()
     try:
-        result = run_convert(model_dir, preset, outfile, force=force, verify=not no_verify, n_ctx=n_ctx,
+        if no_verify and reverify:
+            raise BadInputError("--verify and --no-verify contradict each other; give one")
+        result = run_convert(model_dir, preset, outfile, force=force, verify=not no_verify, reverify=reverify,
+                             n_ctx=n_ctx,
                              threads=threads, progress=bar)
     finally:
         if bar is not None:
             bar.close()
     if not quiet:
+        for note in result.notes:
+            click.echo(note, err=True)
         for w in result.warnings:
             click.echo(f"Warning: {w}", err=True)
         click.echo(
