@@ -15,8 +15,7 @@ import os
 import platform
 from dataclasses import dataclass, field, replace
 
-GiB = 1024**3
-MiB = 1024**2
+from llamalocal.units import GiB, MiB
 
 _UNIFIED_BACKENDS = ("metal", "mtl")
 

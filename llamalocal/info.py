@@ -128,12 +128,3 @@ def list_models(root: Path, on_error: Callable[[Path, Exception], None] | None =
         out.append(ListedModel(name=str(p.relative_to(root)), path=str(p), size_bytes=st.st_size,
                                file_type=ftype, n_params=n_params, modified=modified))
     return out
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; binary units, as file managers and `ls -h` show them."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

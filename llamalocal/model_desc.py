@@ -52,12 +52,6 @@ class ModelDesc:
     def weights_bytes(self) -> int:
         return sum(self.layer_bytes) + self.token_embd_bytes + self.output_bytes + self.other_bytes
 
-    @property
-    def size_label(self) -> str:
-        """'7B', '13B', ... from the parameter count, as Meta names its sizes."""
-        b = self.n_params / 1e9
-        return f"{b:.0f}B" if b >= 1 else f"{self.n_params / 1e6:.0f}M"
-
 
 # ---------------------------------------------------------------------------------------------
 # from a GGUF file

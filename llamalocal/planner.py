@@ -25,21 +25,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from llamalocal import settings
 from llamalocal.errors import PlanError
-from llamalocal.hardware import Device, GiB, Hardware, MiB
+from llamalocal.hardware import Device, Hardware
 from llamalocal.model_desc import ModelDesc
+from llamalocal.settings import CTX_PAD, DEFAULT_CTX_CAP, N_BATCH
+from llamalocal.units import MiB
+from llamalocal.units import gib as _gib
 
 # Measured here: a fresh Python that has imported llama_cpp is 44 MiB resident; loading a model
 # adds ~10 MiB beyond its buffers (vocab tables, ggml contexts, threads) for a 32000-token vocab.
 BASELINE_BYTES = 56 * MiB
 # Per accelerator, kept free: driver allocations, fragmentation (Ollama keeps 457-512 MiB).
 GPU_MARGIN_BYTES = 512 * MiB
-DEFAULT_CTX_CAP = 4096
-CTX_PAD = 256
-
-# bytes per element of the KV cache types llama.cpp accepts (block bytes / block size)
-CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
-                    "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
 
 # Disk read speeds for the paging estimate (sequential reads of a cold mmap).
 _NVME_BPS = 2e9
@@ -86,17 +84,12 @@ class Plan:
     errors: list[str] = field(default_factory=list)   # what check() refuses without --force
     hardware_source: str = "detected"
     n_ctx_train: int = 0
-    n_batch: int = 512
-    n_ubatch: int = 512
+    n_batch: int = N_BATCH
+    n_ubatch: int = N_BATCH
 
     @property
     def cpu(self) -> DevicePlan:
         return next(d for d in self.devices if d.kind == "cpu")
-
-    @property
-    def resident_bytes(self) -> int:
-        """Expected resident memory of the process (RSS)."""
-        return self.cpu.total_bytes
 
     def to_json(self) -> dict:
         return {
@@ -135,10 +128,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 100 * MiB or n == 0 else f"{n / MiB:.0f} MiB"
-
-
 # ---------------------------------------------------------------------------------------------
 # the pieces
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +138,11 @@ def padded_ctx(n_ctx: int) -> int:
 
 def kv_bytes_per_layer(model: ModelDesc, n_ctx: int, cache_type: str = "f16") -> int:
     """K and V for one layer: 2 x n_ctx x n_head_kv x head_dim x bytes(cache type)."""
-    if cache_type not in CACHE_TYPE_BYTES:
-        raise PlanError(f"unknown KV cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPE_BYTES)}")
-    return int(2 * padded_ctx(n_ctx) * model.n_head_kv * model.head_dim * CACHE_TYPE_BYTES[cache_type])
+    per_element = settings.cache_type(cache_type).bytes_per_element
+    return int(2 * padded_ctx(n_ctx) * model.n_head_kv * model.head_dim * per_element)
 
 
-def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = 512) -> int:
+def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = N_BATCH) -> int:
     """The compute buffer of a device running whole layers, without flash attention.
 
     The peak of three phases, in f32 activations of one ubatch (u tokens):
@@ -174,7 +162,7 @@ def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = 512) -> int:
     return 4 * max(attention, logits, ffn)
 
 
-def host_compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = 512) -> int:
+def host_compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = N_BATCH) -> int:
     """The CPU's compute buffer when every layer runs on a GPU: input embeddings and the mask."""
     u = min(n_ubatch, padded_ctx(n_ctx))
     return 4 * (model.n_embd + padded_ctx(n_ctx)) * u
@@ -286,8 +274,8 @@ def default_ctx(model: ModelDesc) -> int:
 
 
 def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_layers: int | str = "auto",
-         cache_type: str = "f16", threads: int | None = None, mlock: bool = False, n_batch: int = 512,
-         n_ubatch: int = 512) -> Plan:
+         cache_type: str = "f16", threads: int | None = None, mlock: bool = False, n_batch: int = N_BATCH,
+         n_ubatch: int = N_BATCH) -> Plan:
     """Plan where `model` goes on `hw`.
 
     Args:
@@ -412,14 +400,3 @@ def check(p: Plan, force: bool = False) -> Plan:
     if p.errors and not force:
         raise PlanError(p.errors[0] + " (--force to try anyway)")
     return p
-
-
-def plan_gguf(path, *, hardware: Hardware | None = None, force: bool = False, **kw) -> Plan:
-    """Read a GGUF's header, plan it on `hardware` (default: this machine) and check it.
-
-    Keyword arguments are `plan`'s. Raises GGUFError / ModelNotFoundError / PlanError.
-    """
-    from llamalocal.hardware import detect
-    from llamalocal.model_desc import read_model_desc
-
-    return check(plan(read_model_desc(path), hardware or detect(), **kw), force)

@@ -21,15 +21,14 @@ import codecs
 import gc
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamalocal import settings
 from llamalocal.convert import native
 from llamalocal.errors import BadInputError, GGUFError, PlanError
-
-DEFAULT_CTX_CAP = 4096  # the model's own context, capped: a 4096-token f16 KV of 70B is 1.25 GiB
-CACHE_TYPES = ("f16", "q8_0")
+from llamalocal.settings import DEFAULT_CTX_CAP
 
 
 @dataclass
@@ -39,21 +38,11 @@ class LoadedModel:
     path: Path
     n_gpu_layers: int = 0  # what was actually loaded (may be below the plan after a failed allocation)
     desc: Any = None  # llamalocal.model_desc.ModelDesc
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-
-def _ggml_cache_type(cache_type: str) -> int:
-    import llama_cpp
-
-    types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-    if cache_type not in types:
-        raise BadInputError(f"unknown --cache-type {cache_type!r}; use one of: {', '.join(CACHE_TYPES)}")
-    return types[cache_type]
-
 
 def resolve_ctx(n_ctx: int | None, n_ctx_train: int | None) -> int:
     """The context to run with: the user's if the model supports it, else the model's own (capped)."""
@@ -63,12 +52,6 @@ def resolve_ctx(n_ctx: int | None, n_ctx_train: int | None) -> int:
     if n_ctx is not None:
         return n_ctx
     return min(n_ctx_train or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
-
-
-def _ubatch(n_batch: int) -> int:
-    """The physical batch: llama-cpp-python's 512 at most, so a large logical batch (perplexity
-    windows) does not grow the compute buffer."""
-    return min(n_batch, 512)
 
 
 def _fewer_layers(n: int) -> int:
@@ -108,13 +91,13 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
 
     say = log or (lambda msg: None)
     p = Path(path)
-    type_kv = _ggml_cache_type(cache_type)
+    kv = settings.cache_type(cache_type)
     desc = read_model_desc(p)  # missing, not a GGUF, truncated: raised here, before any loading
     ctx = resolve_ctx(n_ctx, desc.n_ctx_train)
 
     hw = hardware if hardware is not None else hw_mod.detect()
     plan = planner.plan(desc, hw, n_ctx=ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type,
-                        threads=threads, mlock=mlock, n_batch=n_batch, n_ubatch=_ubatch(n_batch))
+                        threads=threads, mlock=mlock, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch))
     planner.check(plan, force)  # refuses with the numbers, before anything is loaded
     say(plan.describe())
     for problem in plan.errors:  # only left when forced
@@ -122,11 +105,10 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
 
     explicit = n_gpu_layers != "auto"  # a number or "all": honoured exactly, never quietly reduced
     layers = int(plan.n_gpu_layers)
-    notes: list[str] = []
     while True:
         try:
             llm = _open(p, ctx=ctx, n_gpu_layers=layers, threads=plan.threads, logits_all=logits_all,
-                        type_kv=type_kv, flash_attn=cache_type != "f16", mlock=mlock, seed=seed,
+                        type_kv=int(kv.ggml_type), flash_attn=kv.needs_flash_attn, mlock=mlock, seed=seed,
                         n_batch=n_batch, verbose=verbose)
             break
         except ValueError as e:  # llama-cpp-python's "Failed to load model" / "Failed to create llama_context"
@@ -142,10 +124,9 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
             fewer = _fewer_layers(layers)
             note = (f"loading with {layers} GPU layers failed to allocate memory; "
                     f"retrying with {fewer} ({'CPU only' if fewer == 0 else 'the rest on the CPU'})")
-            notes.append(note)
             say(note)
             layers = fewer
-    return LoadedModel(llm=llm, plan=plan, path=p, n_gpu_layers=layers, desc=desc, notes=notes)
+    return LoadedModel(llm=llm, plan=plan, path=p, n_gpu_layers=layers, desc=desc)
 
 
 def _open(path: Path, *, ctx: int, n_gpu_layers: int, threads: int | None, logits_all: bool, type_kv: int,
@@ -153,7 +134,7 @@ def _open(path: Path, *, ctx: int, n_gpu_layers: int, threads: int | None, logit
     import llama_cpp
 
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=_ubatch(n_batch), n_gpu_layers=n_gpu_layers,
+        model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch), n_gpu_layers=n_gpu_layers,
         n_threads=threads, n_threads_batch=threads, logits_all=logits_all, use_mlock=mlock,
         # a quantized V cache needs flash attention in llama.cpp
         type_k=type_kv, type_v=type_kv, flash_attn=flash_attn,
@@ -207,12 +188,6 @@ class GenStats:
     @property
     def tg_tps(self) -> float:
         return self.n_decoded / self.gen_s if self.gen_s > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.n_prompt, "prompt_tokens_evaluated": self.n_prompt_eval,
-                "generated_tokens": self.n_generated, "prompt_seconds": round(self.prompt_s, 6),
-                "generation_seconds": round(self.gen_s, 6), "prompt_tokens_per_second": round(self.pp_tps, 3),
-                "generation_tokens_per_second": round(self.tg_tps, 3), "stop": self.stop}
 
 
 def context_size(llm: Any) -> int:
@@ -287,13 +262,6 @@ def stream_tokens(llm: Any, tokens: list[int], *, max_tokens: int | None = None,
             yield tail
     finally:
         gen.close()
-
-
-def complete(llm: Any, tokens: list[int], **kwargs: Any) -> tuple[str, GenStats]:
-    """The whole completion as one string (see stream_tokens)."""
-    stats = GenStats()
-    text = "".join(stream_tokens(llm, tokens, stats=stats, **kwargs))
-    return text, stats
 
 
 def tokenize_prompt(llm: Any, prompt: str) -> list[int]:

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from llamalocal.cli import main
-from llamalocal.info import human_bytes, list_models, model_info
+from llamalocal.info import list_models, model_info
 from llamalocal.model_desc import read_model_desc
+from llamalocal.units import human_bytes
 
 INFO_KEYS = {"path", "name", "arch", "file_type", "file_bytes", "n_params", "bits_per_weight", "n_layers", "n_embd",
              "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "tensor_type_bytes", "plan", "plan_text"}

@@ -230,7 +230,7 @@ def test_predicted_resident_memory_within_10_percent(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["rss"]
-    predicted = p.resident_bytes
+    predicted = p.cpu.total_bytes
     print(f"predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB, "
           f"error {(predicted - measured) / measured:+.1%}")
     assert abs(predicted - measured) / measured <= 0.10

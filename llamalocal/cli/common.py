@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
-}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB' -> 25769803776, '8GB' -> 8000000000, '512MiB', '1.5G'. Raises ValueError."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 24GiB, 8GB, 512MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+from llamalocal.units import parse_size
 
 
 class SizeType(click.ParamType):
@@ -107,3 +92,11 @@ def sampling_options(f: Callable) -> Callable:
 
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+
+
+def cache_type_option(f: Callable) -> Callable:
+    from llamalocal.settings import CACHE_TYPES
+
+    return click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
+                        help="KV cache element type; q8_0 halves its memory at a small cost in quality, "
+                             "q4_0 quarters it.")(f)

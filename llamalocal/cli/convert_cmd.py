@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from llamalocal.cli.common import models_dir_option, threads_option
+from llamalocal.units import human_bytes
 
 # Flags exactly as the model card spells them; the one place is convert.presets, these are its names.
 PRESET_FLAGS = ["f32", "f16", "q8_0", "q5_0", "q5_1", "q5_k_m", "q4_0", "q4_1", "q4_k_m", "q3_k_m", "q2_k"]
@@ -40,10 +41,6 @@ class _TqdmProgress:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _preset_flags(f):
@@ -116,7 +113,7 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
             click.echo(f"Warning: {w}", err=True)
         click.echo(
             f"Wrote {result.path} ({result.preset}): {_count(result.n_params)} parameters, "
-            f"{_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
+            f"{human_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
             f"{result.seconds:.1f} s", err=True)
 
 

@@ -191,7 +191,7 @@ def compare(base: str, others: tuple[str, ...], text_file: Path, n_ctx: int, chu
 
 def compare_table(result: Any) -> str:
     """The compare table as text (one line per file, largest first)."""
-    from llamalocal.info import human_bytes
+    from llamalocal.units import human_bytes
 
     head = ["model", "type", "size", "bpw", "PPL", "ΔPPL", "KL(base‖·)", "top-1", "tg t/s"]
     lines = []
@@ -290,7 +290,7 @@ def bench(model: str | None, threads: int | None, n_gpu_layers: int | str, n_pro
 
 
 def bench_table(path: Path, r: Any) -> str:
-    from llamalocal.info import human_bytes
+    from llamalocal.units import human_bytes
 
     lines = [f"{path.name}: {human_bytes(r.model_bytes)} of weights, {r.n_params / 1e6:.1f} M parameters, "
              f"{r.threads} threads, {r.n_gpu_layers} layers on the GPU"]
@@ -333,7 +333,7 @@ def info(model: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers
 
 
 def info_text(mi: Any) -> str:
-    from llamalocal.info import human_bytes
+    from llamalocal.units import human_bytes
 
     lines = [
         f"file          {mi.path}",
@@ -357,8 +357,9 @@ def info_text(mi: Any) -> str:
 @json_option
 def list_(models_dir: Path | None, as_json: bool) -> None:
     """Converted models (.gguf) under the models directory, newest first, with size, type and date."""
-    from llamalocal.info import human_bytes, list_models
+    from llamalocal.info import list_models
     from llamalocal.paths import models_dir as resolve_models_dir
+    from llamalocal.units import human_bytes
 
     root = resolve_models_dir(models_dir)
     if not root.is_dir():

@@ -12,6 +12,7 @@ import click
 
 from llamalocal.cli.common import (
     SIZE,
+    cache_type_option,
     ctx_option,
     force_option,
     gpu_layers_option,
@@ -19,8 +20,8 @@ from llamalocal.cli.common import (
     models_dir_option,
     threads_option,
 )
-
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+from llamalocal.convert.native import PINNED_LLAMA_CPP_PYTHON
+from llamalocal.units import gb
 
 
 def hypothetical_options(f):
@@ -46,17 +47,12 @@ def _hardware(gpu_mem: int | None, unified: int | None, ram: int | None):
     return hardware.simulated(gpu_mem=gpu_mem, unified=unified, ram=ram)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
 @click.command()
 @click.argument("model", required=False)
 @ctx_option
 @gpu_layers_option
 @threads_option
-@click.option("--cache-type", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True,
-              help="KV cache type.")
+@cache_type_option
 @click.option("--mlock", is_flag=True, help="Plan for locking the weights in RAM.")
 @hypothetical_options
 @force_option
@@ -91,7 +87,7 @@ def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unifie
 
 @click.command()
 @ctx_option
-@click.option("--cache-type", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]), default="f16", show_default=True)
+@cache_type_option
 @hypothetical_options
 @json_option
 def requirements(n_ctx, cache_type, gpu_mem, unified, ram, as_json):
@@ -127,8 +123,8 @@ def requirements(n_ctx, cache_type, gpu_mem, unified, ram, as_json):
     click.echo(f"{'model':<14}{'quant':<7}{'file':>10}{'ctx':>6}{'memory':>11}  this machine")
     for r in rows:
         what = verdict.get(r["fits"], f"{r['n_gpu_layers']}/{r['n_layers'] + 1} layers on GPU")
-        click.echo(f"{r['model']:<14}{r['quant']:<7}{_gb(r['file_bytes']):>10}{r['n_ctx']:>6}"
-                   f"{_gb(r['memory_bytes']):>11}  {what}")
+        click.echo(f"{r['model']:<14}{r['quant']:<7}{gb(r['file_bytes']):>10}{r['n_ctx']:>6}"
+                   f"{gb(r['memory_bytes']):>11}  {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +145,7 @@ def gpu_hint() -> tuple[str, str] | None:
 
 
 def reinstall_command(cmake_args: str) -> str:
-    return f'CMAKE_ARGS="{cmake_args}" pip install --force-reinstall --no-cache-dir {LLAMA_CPP_PYTHON}'
+    return f'CMAKE_ARGS="{cmake_args}" pip install --force-reinstall --no-cache-dir llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}'
 
 
 @click.command()

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from llamalocal.cli.common import (
+    cache_type_option,
     ctx_option,
     force_option,
     gpu_layers_option,
@@ -29,8 +30,7 @@ def load_options(f: Callable) -> Callable:
     """The placement and loading flags both verbs share."""
     for opt in reversed([
         models_dir_option, gpu_layers_option, ctx_option, threads_option,
-        click.option("--cache-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
-                     help="KV cache element type; q8_0 halves its memory at a small cost in quality."),
+        cache_type_option,
         click.option("--mlock", is_flag=True, help="Lock the model in RAM so the OS cannot page it out."),
         force_option, sampling_options,
     ]):
