@@ -138,7 +138,7 @@ def _load_sentencepiece(data: bytes, path: Path) -> Vocab:
     from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code
     try:
         proto.ParseFromString(data)
         sp = spm.SentencePieceProcessor(model_proto=data)

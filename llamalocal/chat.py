@@ -21,11 +21,12 @@ Three templates, in this one place:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from llamalocal.convert import native
 from llamalocal.convert.tiktoken_bpe import END_HEADER, EOT, START_HEADER
 from llamalocal.errors import BadInputError
 from llamalocal.runner import GenStats, Sampling, context_size, stream_tokens
@@ -65,25 +66,28 @@ class Turn:
 # Picking a template
 # ---------------------------------------------------------------------------------------------
 
-# GGUF header keys the choice reads (llama-cpp-python's `Llama.metadata`, values as strings)
+# GGUF header keys the choice reads
 _PRE, _CHAT_TEMPLATE, _EOS, _EOT = ("tokenizer.ggml.pre", "tokenizer.chat_template",
                                     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's names for Llama 3's pre-tokenizer
 
 
 def pick_template(override: str | None, model_name: str | None, path: Path,
-                  metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
+                  metadata: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """(template, why).
 
-    With the GGUF header (`metadata`): a chat template in it names the format; a Llama-3
-    vocabulary whose end of sequence is <|eot_id|> is an instruct model. Otherwise the name
-    decides: Meta's chat checkpoints are named `llama-2-*-chat` / `Llama3.1-8B-Instruct`; the
-    converter keeps that name in general.name, and the file name usually carries it too.
+    The GGUF header first (`metadata`, e.g. llama-cpp-python's `Llama.metadata`; read from `path`
+    when not given): a chat template in it names the format; a Llama-3 vocabulary whose end of
+    sequence is <|eot_id|> is an instruct model. Then the name: Meta's chat checkpoints are named
+    `llama-2-*-chat` / `Llama3.1-8B-Instruct`; the converter keeps that name in general.name, and
+    the file name usually carries it too.
     """
     if override is not None:
         if override not in TEMPLATES:
             raise BadInputError(f"unknown template {override!r}; use one of: {', '.join(TEMPLATES)}")
         return override, "chosen with --template"
+    if metadata is None and path.is_file():
+        metadata = native.gguf_values(path, [_PRE, _CHAT_TEMPLATE, _EOS, _EOT])
     meta = metadata or {}
     chat_template = meta.get(_CHAT_TEMPLATE, "")
     if START_HEADER in chat_template:
@@ -91,7 +95,7 @@ def pick_template(override: str | None, model_name: str | None, path: Path,
     if "[INST]" in chat_template:
         return "inst", "the GGUF's chat template is Meta's Llama-2 [INST] format"
     llama3 = meta.get(_PRE) in _LLAMA3_PRE
-    if llama3 and meta.get(_EOT) is not None and meta.get(_EOS) == meta.get(_EOT):
+    if llama3 and meta.get(_EOT) is not None and str(meta.get(_EOS)) == str(meta.get(_EOT)):
         return "llama3", "a Llama-3 vocabulary whose end of sequence is <|eot_id|> (an instruct model)"
     for label, text in (("model name", model_name or ""), ("file name", path.name)):
         if llama3 and any(w in text.lower() for w in ("instruct", "chat")):
@@ -255,7 +259,7 @@ class ChatSession:
                                 "send a shorter message or restart with a larger --ctx")
         return ids
 
-    def respond(self, user: str) -> Iterator[str]:
+    def respond(self, user: str) -> Generator[str, None, None]:
         """Stream the answer to `user`; the turn joins the history even when interrupted
         (with what was shown so far), so the dialogue stays what the user saw."""
         ids = self.prompt_tokens(user)

@@ -430,6 +430,21 @@ def test_pick_template_reads_the_gguf_header(llama3_vocab):
     assert pick_template("plain", None, Path("x.gguf"), meta["instruct"])[0] == "plain"
     assert pick_template(None, "llama-2-7b-chat", Path("x.gguf"), {"tokenizer.ggml.pre": "default"})[0] == "inst"
     assert pick_template(None, "7B", Path("x.gguf"), {"tokenizer.chat_template": "[INST] {{ x }}"})[0] == "inst"
+    # without the header given (the server's call), it is read from the file
+    assert pick_template(None, "x", llama3_vocab["instruct"])[0] == "llama3"
+    assert pick_template(None, "Meta-Llama-3.1-8B", llama3_vocab["base"])[0] == "plain"
+
+
+def test_gguf_values_reads_the_header(llama3_vocab, tmp_path):
+    from llamalocal.convert import native
+
+    keys = ["tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.tokens", "no.such.key"]
+    assert native.gguf_values(llama3_vocab["instruct"], keys) == {
+        "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.eos_token_id": 128009,
+        "tokenizer.ggml.add_bos_token": True}  # arrays and absent keys left out
+    (tmp_path / "not.gguf").write_bytes(b"nope" * 10)
+    assert native.gguf_values(tmp_path / "not.gguf", keys) is None
 
 
 @pytest.fixture(scope="module")
@@ -522,9 +537,11 @@ def test_long_tokens_survive_generate_and_chat(long_token_model):
 
 def test_llama3_chat_session_prompt_is_metas(long_token_model, meta_chat):
     """The session the REPL drives sends Meta's ids, and the answer ends at <|eot_id|>."""
+    import llama_cpp
+
     path, text, _ = long_token_model
-    loaded = load_model(path, n_ctx=256, n_gpu_layers=0, threads=1)
-    s = ChatSession(loaded.llm, "llama3", system="Be brief.", sampling=GREEDY)
+    s = ChatSession(llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False), "llama3",
+                    system="Be brief.", sampling=GREEDY)
     s.turns = [Turn("hi", "hello")]
     assert s.prompt_tokens("again") == meta_chat.encode_dialog_prompt(
         _meta_messages("Be brief.", [("hi", "hello")], "again")).tokens
