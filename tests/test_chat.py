@@ -404,6 +404,25 @@ def test_llama3_gguf_chat_template_and_server_route_give_metas_tokens(llama3_llm
         assert llama3_llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True) == want
 
 
+def test_llama_cpp_recognises_the_llama3_chat_template(llama3_llm):
+    """llama-server without --jinja formats by llama.cpp's built-in templates, chosen by looking at
+    the GGUF's: ours must be taken for Llama 3 and give the same text (it trims each content)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llama3_llm.metadata["tokenizer.chat_template"]
+    messages = _openai_messages("Be brief.", [("hi", "Hello! How can I help?")], "and 3+3?")
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), True, buf, len(buf))
+    assert n > 0  # -1: not recognised
+    jinja = Jinja2ChatFormatter(template=template, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    assert "<|begin_of_text|>" + buf.raw[:n].decode() == jinja(messages=messages).prompt  # BOS: added by tokenizing
+
+
 def test_llama2_gguf_chat_template_gives_the_inst_tokens(llm):
     """The template written for spm instruct models renders Meta's [INST] format."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
