@@ -46,15 +46,6 @@ _SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "ggml_blck_size": ([c_int], i64),
         "ggml_type_size": ([c_int], sz),
         "ggml_threadpool_params_init": ([vp, c_int], None),
-        # gguf.h: the header reader (struct gguf_init_params is passed by value)
-        "gguf_init_from_file": ([cs, "_GGUFInitParams"], vp),
-        "gguf_free": ([vp], None),
-        "gguf_find_key": ([vp, cs], i64),
-        "gguf_get_kv_type": ([vp, i64], c_int),
-        **{f"gguf_get_val_{t}": ([vp, i64], r) for t, r in (
-            ("u8", ctypes.c_uint8), ("i8", ctypes.c_int8), ("u16", ctypes.c_uint16), ("i16", ctypes.c_int16),
-            ("u32", ctypes.c_uint32), ("i32", ctypes.c_int32), ("f32", ctypes.c_float), ("u64", ctypes.c_uint64),
-            ("i64", ctypes.c_int64), ("f64", ctypes.c_double), ("bool", c_bool), ("str", cs))},
     },
     "ggml-cpu": {
         "ggml_cpu_init": ([], None),
@@ -127,11 +118,6 @@ def check_version() -> None:
             f"pip install llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON} (or set {_ALLOW_OTHER_VERSION}=1 to try anyway)")
 
 
-class _GGUFInitParams(ctypes.Structure):
-    # gguf.h's struct gguf_init_params
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", vp)]
-
-
 @cache
 def library(stem: str) -> ctypes.CDLL:
     """A ggml library of llama-cpp-python's, loaded once, with its signatures declared."""
@@ -141,11 +127,10 @@ def library(stem: str) -> ctypes.CDLL:
         raise LlamalocalError(f"no {stem} library in {lib_dir()}; reinstall "
                               f"llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}")
     lib = ctypes.CDLL(str(path))
-    structs = {"_GGUFInitParams": _GGUFInitParams}
     for name, (args, res) in _SIGNATURES.get(stem, {}).items():
         fn = getattr(lib, name, None)
         if fn is not None:  # optional symbols (ggml_backend_load_all) may be absent
-            fn.argtypes, fn.restype = [structs.get(a, a) if isinstance(a, str) else a for a in args], res
+            fn.argtypes, fn.restype = args, res
     return lib
 
 
@@ -208,7 +193,6 @@ def widen_f16(src: int, dst: int, n: int, *, bf16: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-<<<<<<< HEAD
 # libc: is a byte range of a file already in the page cache?
 # ---------------------------------------------------------------------------------------------
 
@@ -253,35 +237,6 @@ def cached_fraction(fd: int, offset: int, length: int) -> float | None:
         return (n - bytes(vec).count(0)) / n  # Linux sets bit 0 only; macOS's other bits mean resident too
     finally:
         libc.munmap(addr, span)
-=======
-# ggml: GGUF header values
-# ---------------------------------------------------------------------------------------------
-
-# gguf.h: enum gguf_type -> the getter's suffix (arrays are not read here)
-_GGUF_GETTERS = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 8: "str",
-                 10: "u64", 11: "i64", 12: "f64"}
-
-
-def gguf_values(path: str | Path, keys: list[str]) -> dict[str, Any] | None:
-    """The scalar and string values of `keys` in a GGUF header (absent keys and arrays left out),
-    read by ggml's own C reader: a Llama-3 header (128256 tokens, 280147 merges) takes
-    milliseconds, where gguf-py's reader takes seconds. None if ggml cannot read the file."""
-    lib = library("ggml-base")
-    ctx = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
-    if not ctx:
-        return None
-    try:
-        out: dict[str, Any] = {}
-        for key in keys:
-            i = lib.gguf_find_key(ctx, key.encode())
-            getter = _GGUF_GETTERS.get(int(lib.gguf_get_kv_type(ctx, i))) if i >= 0 else None
-            if getter is not None:
-                v = getattr(lib, f"gguf_get_val_{getter}")(ctx, i)
-                out[key] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-        return out
-    finally:
-        lib.gguf_free(ctx)
->>>>>>> llama3-tok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,3 +225,13 @@ def _parse(c: _Cursor, p: Path, size: int) -> GGUFHeader:
     data = -(-c.pos // alignment) * alignment
     tensors = [TensorInfo(name, shape, qtype, data + off) for name, shape, qtype, off in tensors_raw]
     return GGUFHeader(path=p, version=version, file_bytes=size, fields=fields, tensors=tensors, data_offset=data)
+
+
+def header_values(path: str | Path, keys: list[str]) -> dict[str, Any] | None:
+    """The scalar and string values of `keys` in a GGUF header (absent keys and arrays left out);
+    None if the file is not a readable GGUF."""
+    try:
+        fields = read_header(path).fields
+    except (GGUFError, ModelNotFoundError):
+        return None
+    return {k: fields[k] for k in keys if k in fields and not isinstance(fields[k], LongArray | list)}

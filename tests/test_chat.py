@@ -463,16 +463,16 @@ def test_pick_template_reads_the_gguf_header(llama3_vocab):
     assert pick_template(None, "Meta-Llama-3.1-8B", llama3_vocab["base"])[0] == "plain"
 
 
-def test_gguf_values_reads_the_header(llama3_vocab, tmp_path):
-    from llamalocal.convert import native
+def test_header_values_reads_the_header(llama3_vocab, tmp_path):
+    from llamalocal.gguf_header import header_values
 
     keys = ["tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
             "tokenizer.ggml.tokens", "no.such.key"]
-    assert native.gguf_values(llama3_vocab["instruct"], keys) == {
+    assert header_values(llama3_vocab["instruct"], keys) == {
         "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.eos_token_id": 128009,
         "tokenizer.ggml.add_bos_token": True}  # arrays and absent keys left out
     (tmp_path / "not.gguf").write_bytes(b"nope" * 10)
-    assert native.gguf_values(tmp_path / "not.gguf", keys) is None
+    assert header_values(tmp_path / "not.gguf", keys) is None
 
 
 @pytest.fixture(scope="module")
