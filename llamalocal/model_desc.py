@@ -39,8 +39,12 @@ class ModelDesc:
     other_bytes: int                    # anything else (rope_freqs, ...)
     tensor_type_bytes: dict[str, int]   # ggml type name -> bytes of tensors of that type
     n_params: int
-    # per layer, ggml type name -> bytes: which tensors the CPU backend may repack
+    # per layer, ggml type name -> bytes
     layer_type_bytes: list[dict[str, int]] = field(default_factory=list)
+    n_merges: int = 0                   # BPE merges in the vocabulary (Llama 3: 280147)
+    # the tensors in file order, as (layer, ggml type, bytes); layer -1 is token_embd, n_layers the
+    # output layer, -2 anything else. Empty for reference models (no file).
+    file_order: list[tuple[int, str, int]] = field(default_factory=list)
     output_type: str = ""               # ggml type of output.weight ("" when tied to token_embd)
     token_embd_type: str = ""
 
@@ -104,6 +108,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
     if n_head <= 0 or n_embd <= 0 or n_layers < 0 or n_embd % n_head:
         raise GGUFError(f"{p}: inconsistent shape (n_embd {n_embd}, n_head {n_head}, n_layer {n_layers})")
     tokens = h.get(gguf.Keys.Tokenizer.LIST)
+    merges = h.get(gguf.Keys.Tokenizer.MERGES)
     n_vocab = key(gguf.Keys.LLM.VOCAB_SIZE, 0) or (len(tokens) if tokens is not None else 0)
 
     ftype_id = h.get(gguf.Keys.General.FILE_TYPE)
@@ -118,13 +123,17 @@ def read_model_desc(path: str | Path) -> ModelDesc:
     token_embd = output = other = 0
     output_type = token_embd_type = ""
     n_params = 0
-    for t in h.tensors:
+    order: list[tuple[int, str, int]] = []
+    for t in sorted(h.tensors, key=lambda t: t.offset):
         nbytes, tname = t.n_bytes, t.type.name.lower()
         n_params += t.n_elements
         type_bytes[tname] = type_bytes.get(tname, 0) + nbytes
         m = _BLOCK.match(t.name)
-        if m and int(m.group(1)) < n_layers:
-            i = int(m.group(1))
+        layer = int(m.group(1)) if m and int(m.group(1)) < n_layers else None
+        order.append((layer if layer is not None else {"token_embd.weight": -1, "output.weight": n_layers,
+                                                        "output_norm.weight": n_layers}.get(t.name, -2), tname, nbytes))
+        if layer is not None:
+            i = layer
             layer_bytes[i] += nbytes
             layer_type_bytes[i][tname] = layer_type_bytes[i].get(tname, 0) + nbytes
         elif t.name == "token_embd.weight":
@@ -149,6 +158,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
         layer_bytes=layer_bytes, token_embd_bytes=token_embd, output_bytes=output, other_bytes=other,
         tensor_type_bytes=type_bytes, n_params=n_params, layer_type_bytes=layer_type_bytes,
         output_type=output_type, token_embd_type=token_embd_type,
+        n_merges=len(merges) if merges is not None else 0, file_order=order,
     )
 
 

@@ -10,11 +10,16 @@ log lines and against the RSS of a real CPU run, see tests/test_planner.py):
   bytes(cache type); llama.cpp rounds n_ctx up to a multiple of 256.
 - Compute buffers: the largest set of live activations in one ubatch, per device that runs part
   of the graph (formula in `compute_bytes`, calibrated on llama.cpp's `compute buffer size`).
-- CPU side, the process's resident memory: the mmapped weights of CPU tensors (llama.cpp reads
-  them all at load), plus the CPU backend's repacked copies (x86 AVX2 repacks Q4_0/Q4_K/IQ4_NL
-  weights into an interleaved layout in anonymous memory; the file pages they came from stay
-  resident but are clean page cache the kernel may drop), plus CPU KV and compute buffers, plus
-  Python and llama.cpp themselves (`BASELINE_BYTES`, measured).
+- CPU side, the process's resident memory (`cpu_resident`): every CPU tensor once — the mmapped
+  ones as file pages (llama.cpp maps the file with MAP_POPULATE, so all of them are resident, the
+  token embedding included), plus an anonymous copy of those the CPU backend repacks into its
+  interleaved layout (x86 AVX2: Q4_0/Q4_K/IQ4_NL), whose file pages stay mapped but are clean page
+  cache the kernel may drop (`reclaimable_bytes`, not counted against the budget); the KV cache
+  (cleared at creation, so resident at once); what the compute buffer and ggml's work buffer touch,
+  which grows with the tokens in the context; the vocabulary's tables; Python and llama.cpp
+  themselves. `total_bytes` is that once the context is full (the peak a long chat or document
+  reaches), `start_bytes` after the first ubatch. Measured against real runs of seven shapes by
+  scripts/bench_plan.py and tests/test_planner.py.
 - Apple unified memory: GPU tensors are the same mmapped pages (Metal wraps host memory), so
   they are counted once, in RAM, and also against Metal's working-set budget.
 - Margins: `GPU_MARGIN_BYTES` per accelerator for the driver and fragmentation.
@@ -33,9 +38,13 @@ from llamalocal.settings import CTX_PAD, DEFAULT_CTX_CAP, N_BATCH
 from llamalocal.units import MiB
 from llamalocal.units import gib as _gib
 
-# Measured here: a fresh Python that has imported llama_cpp is 44 MiB resident; loading a model
-# adds ~10 MiB beyond its buffers (vocab tables, ggml contexts, threads) for a 32000-token vocab.
-BASELINE_BYTES = 56 * MiB
+# Measured (scripts/bench_plan.py, 0.3.36, x86): a llamalocal process that has imported llama_cpp and
+# looked at the hardware is 46 MiB resident; loading a model adds ~9 MiB of ggml contexts and caches,
+# and llama.cpp's vocabulary tables ~125 bytes per token and ~136 per BPE merge (Llama 3's 128256
+# tokens and 280147 merges: 53 MiB; a 32000-token sentencepiece vocabulary: 4 MiB).
+BASELINE_BYTES = 55 * MiB
+VOCAB_TOKEN_BYTES = 125
+VOCAB_MERGE_BYTES = 136
 # Per accelerator, kept free: driver allocations, fragmentation (Ollama keeps 457-512 MiB).
 GPU_MARGIN_BYTES = 512 * MiB
 
@@ -51,10 +60,11 @@ class DevicePlan:
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int
-    total_bytes: int        # cpu: the whole process's expected resident memory
+    total_bytes: int        # cpu: the process's peak resident memory, once the context is full
     budget_bytes: int
     has_output: bool = False
     reclaimable_bytes: int = 0  # cpu: file pages of repacked weights, droppable under pressure
+    start_bytes: int = 0    # cpu: resident after loading and the first ubatch of a prompt
 
     @property
     def need_bytes(self) -> int:
@@ -95,9 +105,7 @@ class Plan:
         return {
             "model": self.model_name, "n_layers": self.n_layers, "n_gpu_layers": self.n_gpu_layers,
             "threads": self.threads, "fits": self.fits, "reason": self.reason,
-            "devices": [
-                asdict(d) | {"need_bytes": d.need_bytes} for d in self.devices
-            ],
+            "devices": [asdict(d) | {"need_bytes": d.need_bytes} for d in self.devices],
             "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train, "cache_type": self.cache_type,
             "use_mmap": self.use_mmap, "use_mlock": self.use_mlock, "requested": self.requested,
             "warnings": self.warnings, "errors": self.errors, "hardware": self.hardware_source,
@@ -116,9 +124,7 @@ class Plan:
             head = f"  {d.name} ({d.kind}):"
             body = (f"weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute {_gib(d.compute_bytes)}")
             if d.kind == "cpu":
-                extra = f" -> process ~{_gib(d.total_bytes)}"
-                if d.reclaimable_bytes:
-                    extra += f" ({_gib(d.reclaimable_bytes)} of it droppable page cache)"
+                extra = f" -> process ~{_gib(d.start_bytes)} at start, ~{_gib(d.total_bytes)} with the context full"
                 lines.append(f"{head:<22}{body}{extra}; {_gib(d.budget_bytes)} RAM available")
             else:
                 lines.append(f"{head:<22}{body} = {_gib(d.total_bytes)} of {_gib(d.budget_bytes)} budget")
@@ -142,24 +148,54 @@ def kv_bytes_per_layer(model: ModelDesc, n_ctx: int, cache_type: str = "f16") ->
     return int(2 * padded_ctx(n_ctx) * model.n_head_kv * model.head_dim * per_element)
 
 
-def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = N_BATCH) -> int:
-    """The compute buffer of a device running whole layers, without flash attention.
+def _attention_floats(model: ModelDesc, n_kv: int, u: int, flash_attn: bool) -> int:
+    """f32 activations of one ubatch's attention: the KQ matrix (n_kv x u x n_head; flash attention
+    never forms it) and its mask (n_kv x u), with q/k/v/kqv/residual around them."""
+    n_embd_kv = model.head_dim * model.n_head_kv
+    kq = 0 if flash_attn else n_kv * u * model.n_head
+    return kq + n_kv * u + (5 * model.n_embd + 2 * n_embd_kv) * u
 
-    The peak of three phases, in f32 activations of one ubatch (u tokens):
-      attention: the KQ matrix (n_ctx x u x n_head) and its mask (n_ctx x u), with
-                 q/k/v/kqv/residual around it (5 n_embd + 2 n_embd_kv per token);
-      logits:    n_vocab x u, with two n_embd rows per token;
-      FFN:       gate/up/act (4 n_ff) and 3 n_embd per token.
-    Calibrated on llama.cpp's `CPU compute buffer size` for LLaMA-7B shapes (ctx 512-4096,
-    ubatch 128/512) and a 1024-wide GQA model (ctx 2048/8192): within 5 %.
+
+def _ffn_floats(model: ModelDesc, u: int) -> int:
+    """gate/up/act (4 n_ff) and 3 n_embd per token."""
+    return (4 * model.n_ff + 3 * model.n_embd) * u
+
+
+def compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = N_BATCH, flash_attn: bool = False) -> int:
+    """The compute buffer llama.cpp reserves for a device running whole layers: the worst-case
+    graph, a full ubatch (u tokens) against the whole context, with every token's logits.
+
+    The peak of three phases, in f32 activations: attention (`_attention_floats`), the logits
+    (n_vocab x u, two n_embd rows per token) and the FFN (`_ffn_floats`). Checked against
+    llama.cpp's `CPU compute buffer size` on seven shapes (scripts/bench_plan.py).
     """
     u = min(n_ubatch, padded_ctx(n_ctx))
-    n_ctx = padded_ctx(n_ctx)
-    n_embd_kv = model.head_dim * model.n_head_kv
-    attention = n_ctx * u * (model.n_head + 1) + (5 * model.n_embd + 2 * n_embd_kv) * u
     logits = (model.n_vocab + 2 * model.n_embd) * u
-    ffn = (4 * model.n_ff + 3 * model.n_embd) * u
-    return 4 * max(attention, logits, ffn)
+    return 4 * max(_attention_floats(model, padded_ctx(n_ctx), u, flash_attn), logits, _ffn_floats(model, u))
+
+
+def touched_compute_bytes(model: ModelDesc, n_tokens: int, n_ubatch: int = N_BATCH,
+                          flash_attn: bool = False) -> int:
+    """What a CPU run has touched of its compute buffer and of ggml's work buffer once `n_tokens`
+    are in the context (the reserved buffer is larger; untouched pages are not resident).
+
+    The graph of the last ubatch sees n_kv = n_tokens rounded up to 256 cells. Only one token's
+    logits are computed (llama-cpp-python asks for the last position), so the logits phase is
+    small. Without flash attention the KQ soft-max is converted to f16 for the KQV product in
+    ggml's work buffer (n_kv x u x n_head x 2 bytes), a separate allocation beside the graph.
+    """
+    u = min(n_ubatch, n_tokens)
+    n_kv = padded_ctx(n_tokens)
+    # the last layer runs its FFN on the output rows alone (llama.cpp selects them first)
+    ffn = (4 * model.n_ff + 3 * model.n_embd // 2) * (u if model.n_layers > 1 else 1)
+    graph = 4 * max(_attention_floats(model, n_kv, u, flash_attn), ffn, model.n_vocab + 2 * model.n_embd)
+    work = 0 if flash_attn else 2 * n_kv * u * model.n_head
+    return graph + work
+
+
+def vocab_bytes(model: ModelDesc) -> int:
+    """llama.cpp's tables for the vocabulary (tokens, their texts and pieces, BPE merge ranks)."""
+    return model.n_vocab * VOCAB_TOKEN_BYTES + model.n_merges * VOCAB_MERGE_BYTES
 
 
 def host_compute_bytes(model: ModelDesc, n_ctx: int, n_ubatch: int = N_BATCH) -> int:
@@ -191,6 +227,24 @@ def _layer_repack_bytes(model: ModelDesc, i: int, types: set[str]) -> int:
     return sum(b for t, b in model.layer_type_bytes[i].items() if t in types)
 
 
+def _mapped_bytes(model: ModelDesc, where: list[int], rtypes: set[str]) -> int | None:
+    """Bytes of the file llama.cpp keeps mapped and populated for the CPU: the span from the first to
+    the last tensor the CPU reads from the mapping (not repacked, not offloaded) — llama.cpp unmaps
+    only what lies outside it. None without a file order (reference models)."""
+    if not model.file_order:
+        return None
+
+    def from_mapping(layer: int, ggml_type: str) -> bool:
+        if layer < 0:
+            return True  # token_embd (read by get_rows, never repacked), rope_freqs ...
+        return where[layer] < 0 and ggml_type not in rtypes
+
+    used = [i for i, (layer, t, _) in enumerate(model.file_order) if from_mapping(layer, t)]
+    if not used:
+        return 0
+    return sum(b for _, _, b in model.file_order[used[0]:used[-1] + 1])
+
+
 def _assign(n_layers: int, k: int, accels: list[Device]) -> list[int]:
     """llama.cpp's placement: for layers 0..n_layers (n_layers = output), the index of the
     accelerator it goes to, or -1 for the CPU. Split between several by their free memory."""
@@ -218,7 +272,8 @@ def _layout(model: ModelDesc, hw: Hardware, k: int, n_ctx: int, cache_type: str,
     accels = hw.accelerators
     where = _assign(model.n_layers, k, accels)
     kv_layer = kv_bytes_per_layer(model, n_ctx, cache_type)
-    compute = compute_bytes(model, n_ctx, n_ubatch)
+    flash_attn = settings.cache_type(cache_type).needs_flash_attn
+    compute = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     rtypes = repack_types(hw.cpu_features)
 
     plans = [DevicePlan(d.name, d.kind, 0, 0, 0, 0, 0, max(d.free_bytes - GPU_MARGIN_BYTES, 0)) for d in accels]
@@ -252,15 +307,34 @@ def _layout(model: ModelDesc, hw: Hardware, k: int, n_ctx: int, cache_type: str,
         p.total_bytes = p.weights_bytes + p.kv_bytes + p.compute_bytes
 
     cpu_weights += model.token_embd_bytes + model.other_bytes
-    cpu_compute = compute if (cpu_layers or cpu_output or not accels) else host_compute_bytes(model, n_ctx, n_ubatch)
-    resident = BASELINE_BYTES + cpu_weights + repack + cpu_kv + cpu_compute
-    if hw.unified:
-        # Metal wraps the same RAM: the GPU part is in this process's memory too
-        resident += sum(p.total_bytes for p in plans if p.kind == "unified")
+    runs_layers = bool(cpu_layers or cpu_output or not accels)
+    # what the mapping keeps resident: all CPU tensors (a reference model), or the span the file
+    # order gives; of it, the pages of repacked tensors are never read again and may be dropped
+    mapped = _mapped_bytes(model, where, rtypes)
+    if mapped is None:
+        mapped, reclaimable = cpu_weights, repack
+    else:
+        reclaimable = max(0, mapped - (cpu_weights - repack))
+
+    def resident(n_tokens: int) -> int:
+        """The process once `n_tokens` are in the context: every CPU tensor once (mapped file pages,
+        or the repacked copy instead of them), KV, touched compute, tables, Python."""
+        if runs_layers:
+            touched = touched_compute_bytes(model, n_tokens, n_ubatch, flash_attn)
+        else:
+            touched = host_compute_bytes(model, n_tokens, n_ubatch)
+        total = BASELINE_BYTES + vocab_bytes(model) + mapped + repack + cpu_kv + touched
+        if hw.unified:
+            # Metal wraps the same RAM: the GPU part is in this process's memory too
+            total += sum(p.total_bytes for p in plans if p.kind == "unified")
+        return total
+
+    cpu_compute = compute if runs_layers else host_compute_bytes(model, n_ctx, n_ubatch)
     cpu = DevicePlan(
-        name="CPU", kind="cpu", n_layers=cpu_layers, weights_bytes=cpu_weights + repack, kv_bytes=cpu_kv,
-        compute_bytes=cpu_compute, total_bytes=resident, budget_bytes=hw.ram_available, has_output=cpu_output,
-        reclaimable_bytes=0 if mlock else repack,
+        name="CPU", kind="cpu", n_layers=cpu_layers, weights_bytes=mapped + repack, kv_bytes=cpu_kv,
+        compute_bytes=cpu_compute, total_bytes=resident(n_ctx), budget_bytes=hw.ram_available,
+        has_output=cpu_output, reclaimable_bytes=0 if mlock else reclaimable,
+        start_bytes=resident(min(n_ctx, n_ubatch)),
     )
     return plans + [cpu]
 
@@ -339,7 +413,7 @@ def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_laye
     cpu = next(d for d in devices if d.kind == "cpu")
     fits, reason = _classify(model, hw, devices, k, full, n_gpu_layers, layout)
     if not cpu.fits and mlock:
-        errors.append(f"--mlock needs {_gib(cpu.need_bytes)} locked in RAM but {_gib(cpu.budget_bytes)} is available")
+        errors.append(f"--mlock needs {_gib(cpu.total_bytes)} locked in RAM but {_gib(cpu.budget_bytes)} is available")
     if fits == "no":
         warnings.append(reason)
 
@@ -361,10 +435,10 @@ def _classify(model: ModelDesc, hw: Hardware, devices: list[DevicePlan], k: int,
     cpu = next(d for d in devices if d.kind == "cpu")
     gpus = [d for d in devices if d.kind != "cpu"]
     if not cpu.fits:
-        short = cpu.need_bytes - cpu.budget_bytes
+        short = cpu.total_bytes - cpu.budget_bytes
         per_token = short / _NVME_BPS
         return "no", (
-            f"does not fit in RAM: the CPU side needs {_gib(cpu.need_bytes)} but {_gib(cpu.budget_bytes)} is available "
+            f"does not fit in RAM: the CPU side needs {_gib(cpu.total_bytes)} but {_gib(cpu.budget_bytes)} is available "
             f"(short by {_gib(short)}); the model will page from disk through mmap, re-reading about "
             f"{_gib(short)} per token — at ~2 GB/s (NVMe) that is {per_token:.1f} s per token or worse")
     if not gpus:

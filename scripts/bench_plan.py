@@ -33,6 +33,7 @@ class Shape:
     ftype: str
     ctx: int
     model: dict
+    cache: str = "f16"  # KV cache type; a quantized one runs with flash attention
 
 
 LLAMA_7B = dict(n_embd=4096, n_ff=11008, n_head=32, n_vocab=32000)
@@ -48,10 +49,14 @@ SHAPES = [
                                                            n_head_kv=8, vocab="llama-bpe", n_ctx=131072)),
     Shape("13b1l-q4_k_m-ctx2048", "q4_k_m", 2048, dict(n_layers=1, n_embd=5120, n_ff=13824, n_head=40,
                                                        n_vocab=32000)),
+    Shape("7b2l-q4_0-ctx4096-kv_q8_0", "q4_0", 4096, dict(LLAMA_7B, n_layers=2), cache="q8_0"),
+    Shape("llama3-1b-2l-q8_0-ctx2048-kv_q4_0", "q8_0", 2048, dict(n_layers=2, n_embd=2048, n_ff=8192, n_head=32,
+                                                                   n_head_kv=8, vocab="llama-bpe", n_ctx=131072),
+          cache="q4_0"),
 ]
 
 
-def _prompt(vocab: str, n_tokens: int) -> str:
+def text_for(vocab: str, n_tokens: int) -> str:
     """Text that tokenizes to exactly `n_tokens` tokens after BOS: one byte token per 'a' for the
     byte-fallback vocabulary (plus the dummy-prefix space's 3 bytes); one token per ' a' for Llama 3."""
     if vocab == "llama-bpe":
@@ -62,24 +67,25 @@ def _prompt(vocab: str, n_tokens: int) -> str:
 def build(shape: Shape, work: Path) -> Path:
     from synth_gguf import make
 
-    path = work / f"{shape.name.rsplit('-ctx', 1)[0]}.gguf"
+    path = work / f"{shape.name.split('-ctx', 1)[0]}.gguf"
     if not path.exists():
         make(path, shape.ftype, **shape.model)
     return path
 
 
-def plan_cpu(path: Path, ctx: int, threads: int) -> dict:
+def plan_cpu(path: Path, ctx: int, threads: int, cache: str = "f16") -> dict:
     out = subprocess.run([sys.executable, "-m", "llamalocal", "plan", str(path), "--ctx", str(ctx), "--threads",
-                          str(threads), "--json"], capture_output=True, text=True, check=True).stdout
+                          str(threads), "--cache-type", cache, "--json"], capture_output=True, text=True,
+                         check=True).stdout
     return next(d for d in json.loads(out)["devices"] if d["kind"] == "cpu")
 
 
-def run_peak(path: Path, ctx: int, threads: int, text: str) -> tuple[int, int]:
+def run_peak(path: Path, ctx: int, threads: int, text: str, cache: str = "f16") -> tuple[int, int]:
     """(peak RSS, prompt tokens) of `llamalocal generate` on `text`."""
     from llamalocal.procstat import run_measured
 
     r = run_measured([sys.executable, "-m", "llamalocal", "generate", str(path), "-p", text, "-n", "2", "--temp",
-                      "0", "--ctx", str(ctx), "--threads", str(threads)])
+                      "0", "--ctx", str(ctx), "--threads", str(threads), "--cache-type", cache])
     if r.returncode != 0:
         raise SystemExit(f"generate failed on {path}:\n{r.stderr[-2000:]}")
     line = next(ln for ln in reversed(r.stderr.splitlines()) if ln.startswith("prompt:"))
@@ -99,11 +105,11 @@ def main() -> None:
         if a.only and not any(shape.name.startswith(o) for o in a.only):
             continue
         path = build(shape, a.work)
-        cpu = plan_cpu(path, shape.ctx, a.threads)
+        cpu = plan_cpu(path, shape.ctx, a.threads, shape.cache)
         vocab = shape.model.get("vocab", "spm")
-        for label, tokens, planned in (("start", min(512, shape.ctx) - 8, cpu.get("start_bytes", cpu["total_bytes"])),
+        for label, tokens, planned in (("start", min(512, shape.ctx) - 8, cpu["start_bytes"]),
                                        ("full", shape.ctx - 8, cpu["total_bytes"])):
-            peak, n = run_peak(path, shape.ctx, a.threads, _prompt(vocab, tokens))
+            peak, n = run_peak(path, shape.ctx, a.threads, text_for(vocab, tokens), shape.cache)
             err = (planned - peak) / peak
             rows.append({"shape": shape.name, "at": label, "prompt_tokens": n, "planned": planned, "measured": peak,
                          "error": err})
