@@ -442,7 +442,7 @@ def quiet_llama_log() -> None:
     """Send llama.cpp's log to its default (stderr), away from llama-cpp-python's Python callback:
     for a forked child, where that callback could wait on a lock another thread held."""
     lc = llama()
-    lc.llama_log_set(ctypes.cast(None, lc.llama_log_callback), ctypes.c_void_p(0))  # NULL: llama.cpp's default
+    lc.llama_log_set(ctypes.cast(0, lc.llama_log_callback), ctypes.c_void_p(0))  # NULL: llama.cpp's default
 
 
 class _Candidates:

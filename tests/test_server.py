@@ -26,7 +26,7 @@ STARTUP_TIMEOUT_S = 60
 THREADS = "1"  # the test machines are small and shared: spinning ggml threads on a busy CPU crawl
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
-pytest.importorskip("fastapi", reason="the server extra is not installed (pip install -e '.[server]')")
+pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e '.[server]')")
 
 
 # ---------------------------------------------------------------------------------------------

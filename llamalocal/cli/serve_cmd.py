@@ -31,7 +31,7 @@ _DEFAULTS = ServeConfig()
 @click.option("--port", type=click.IntRange(0, 65535), default=_DEFAULTS.port, show_default=True,
               help="Port to listen on; 0 picks a free one (the address is printed).")
 @click.option("--api-key", envvar="LLAMALOCAL_API_KEY", default=None,
-              help="Require `Authorization: Bearer KEY` on every /v1 and /extras request (others get 401). "
+              help="Require `Authorization: Bearer KEY` on every request (others get 401). "
                    "Also read from $LLAMALOCAL_API_KEY.")
 @click.option("--parallel", type=click.IntRange(min=1), default=_DEFAULTS.parallel, show_default=True,
               help="Requests admitted at once, counted once their body has arrived. The model has one "

@@ -3,10 +3,10 @@
     GET  /v1/models, /v1/models/{id}         the served model (its name, never its path)
     POST /v1/completions, /v1/chat/completions  streamed (SSE) or not
     POST /extras/tokenize, /extras/tokenize/count, /extras/detokenize
-    GET  /health                              no key needed; says nothing about the model
+    GET  /health                              status, requests admitted, tokens generated so far
 
-Anything else is a JSON 404 (405 for a wrong method; 501 for /v1/embeddings). Every request
-under /v1/ and /extras/ needs the key when one is set. Every POST route goes through the same
+Anything else is a JSON 404 (405 for a wrong method), /v1/embeddings included. Every request
+needs the key when one is set. Every POST route goes through the same
 steps: the body is read under a size cap and a deadline; only then is the request admitted
 (at most `parallel` at once, from admission to the last byte of the answer: one more gets 503
 at once); then it is parsed, checked against the model and, for completions, queued on the
@@ -34,7 +34,6 @@ from llamalocal.server.requests import CHAT, COMPLETION, Request, parse_json, pa
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_KEYED = ("/v1/", "/extras/")
 _GONE = object()  # the client disconnected
 
 
@@ -62,7 +61,7 @@ class App:
         llm: a loaded llama_cpp.Llama.
         name: the model id in /v1/models and in every response.
         template: llamalocal.chat's template for chat requests.
-        api_key: when set, every /v1 and /extras request needs `Authorization: Bearer KEY`.
+        api_key: when set, every request needs `Authorization: Bearer KEY`.
         parallel: requests admitted at once; one generates, the others wait in arrival order.
         read_timeout: seconds a client has to send a request body.
         guard: the connection guard (compat.ConnectionGuard), told when requests start and end.
@@ -158,7 +157,7 @@ class App:
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path.startswith(_KEYED) and self.api_key is not None and not self._authorized(scope):
+        if self.api_key is not None and not self._authorized(scope):
             await _send_error(send, ApiError(401, "invalid or missing API key: send `Authorization: Bearer KEY`",
                                              code="invalid_api_key"), close=True)
             return
@@ -168,7 +167,7 @@ class App:
             return
         if route is None:
             if path.rstrip("/") == "/v1/embeddings":
-                err = ApiError(501, "this server does not compute embeddings (the model is loaded for generation)",
+                err = ApiError(404, "this server does not compute embeddings (the model is loaded for generation)",
                                code="not_implemented")
             else:
                 err = ApiError(404, f"no such route: {path} (this server answers /v1/models, /v1/completions, "
@@ -272,7 +271,8 @@ class App:
         await _send_json(send, 200, self._model_card())
 
     async def _health(self, send: Send) -> None:
-        await _send_json(send, 200, {"status": "stopping" if self.stopping else "ok"})
+        await _send_json(send, 200, {"status": "stopping" if self.stopping else "ok", "admitted": self.in_flight,
+                                     "tokens_generated": self.engine.generated})
 
     # -----------------------------------------------------------------------------------------
     # Tokenizer routes

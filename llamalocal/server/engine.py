@@ -88,6 +88,7 @@ class Engine:
         self.log = log
         self.n_vocab = native.vocab_info(llm.model)[0]
         self.stopping = threading.Event()
+        self.generated = 0  # tokens generated since start (GET /health shows it)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="llamalocal-engine", daemon=True)
         self._thread.start()
@@ -174,6 +175,7 @@ class Engine:
                     break
                 sampler.accept(token)
                 produced += 1
+                self.generated += 1
                 out(stops.feed(decoder.decode(native.token_piece(llm.model, token))))
                 if stops.stopped:
                     reason = "stop"
