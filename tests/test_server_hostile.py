@@ -649,10 +649,14 @@ def test_shutdown_ends_open_streams_properly(gguf, tmp_path, sig, code):
 
 
 def test_requests_during_shutdown_are_refused_cleanly(gguf, tmp_path):
-    s = start_server(gguf, tmp_path / "server.log", ctx=CTX)
+    s = start_server(gguf, tmp_path / "server.log", ctx=CTX)  # the default 30 s read timeout
     try:
         stream = s.client().completions.create(model="any", prompt="The king", max_tokens=0, n=16, stream=True)
         next(iter(stream))
+        uploading = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        uploading.sendall(_head("/v1/completions", "Content-Length: 1000\r\n") + b'{"prompt": ')
+        time.sleep(0.2)
+        sent = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         try:
@@ -660,8 +664,13 @@ def test_requests_during_shutdown_are_refused_cleanly(gguf, tmp_path):
             assert_json_error(status, reply, 503, "shutting down")
         except OSError:
             pass  # or the listening socket is already closed: either way nothing half-done
+        # an upload in progress is not waited for: it gets a 503 at once, not its 30 s
+        answer = uploading.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer
+        uploading.close()
         list(stream)
         s.proc.wait(30)
+        assert time.monotonic() - sent < 10
     finally:
         stop(s.proc)
     assert s.proc.returncode == 0 and "Traceback" not in s.log_text()

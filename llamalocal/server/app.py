@@ -88,6 +88,7 @@ class App:
         self.grammars = GrammarChecker(llm.model)
         self.in_flight = 0
         self.stopping = False
+        self._longest: int | None = None  # bytes of the longest token
         self._busy = 0  # threads using the model outside the engine (tokenizing, checking)
         self._idle = threading.Condition()
         self.routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
@@ -237,8 +238,14 @@ class App:
             try:
                 if left <= 0:
                     raise TimeoutError
-                message = await asyncio.wait_for(receive(), timeout=left)
+                # in short waits: a shutdown must not wait for a slow upload
+                message = await asyncio.wait_for(receive(), timeout=min(left, 0.25))
             except (TimeoutError, asyncio.TimeoutError):
+                if self.stopping:
+                    await _send_error(send, _shutting_down(), close=True)
+                    return None
+                if time.monotonic() < deadline:
+                    continue
                 await _send_error(send, ApiError(408, f"the request body did not arrive within {self.read_timeout:g} s",
                                                  code="request_timeout"), close=True)
                 return None
@@ -326,12 +333,20 @@ class App:
     async def _chat(self, scope: dict[str, Any], receive: Receive, send: Send, body: bytes, slot: _Slot) -> None:
         await self._generate(CHAT, scope, receive, send, body, slot)
 
+    def _max_token_bytes(self) -> int:
+        """The longest token of the vocabulary, in bytes (worked out once, when first needed)."""
+        if self._longest is None:
+            from llamalocal.convert import native
+
+            self._longest = max(len(native.token_piece(self.llm.model, t, special=True)) for t in range(self.n_vocab))
+        return max(1, self._longest)
+
     def _prepare(self, kind: str, body: bytes) -> tuple[Request, Any, str | None]:
         """Parse, check against the model, tokenize, check the grammar (blocking: runs in a thread)."""
         from llamalocal.server.prompts import prepare
 
         req = parse_request(kind, parse_json(body))
-        prepared = prepare(req, self.llm, self.template, self.n_ctx, self.n_vocab)
+        prepared = prepare(req, self.llm, self.template, self.n_ctx, self.n_vocab, self._max_token_bytes)
         gbnf = self.grammars.gbnf(req.grammar) if req.grammar is not None else None
         return req, prepared, gbnf
 

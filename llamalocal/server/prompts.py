@@ -8,6 +8,7 @@ against the context window before anything reaches llama.cpp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +56,23 @@ def chat_tokens(llm: Any, template: str, messages: list[Message]) -> list[int]:
     return encode(llm, format_dialog(template, system, turns, pending))
 
 
-def prepare(req: Request, llm: Any, template: str, n_ctx: int, n_vocab: int) -> Prepared:
+def prepare(req: Request, llm: Any, template: str, n_ctx: int, n_vocab: int,
+            max_token_bytes: Callable[[], int] = lambda: 1 << 30) -> Prepared:
     """Prompt ids, budget and stops for `req`, or ApiError(400) for ids outside the vocabulary,
-    a prompt that fills the context, or a max_tokens that does not fit beside the prompt."""
+    a prompt that fills the context, or a max_tokens that does not fit beside the prompt.
+
+    `max_token_bytes()` is the longest token's length: a text of more than that many bytes per
+    context position cannot fit, and is refused without tokenizing it (8 MiB takes seconds)."""
     from llamalocal.chat import stops_for
     from llamalocal.convert import native
     from llamalocal.runner import tokenize_prompt
 
+    text_bytes = (sum(len(m.text.encode("utf-8")) for m in req.messages) if req.kind == CHAT
+                  else len(req.prompt.encode("utf-8")) if isinstance(req.prompt, str) else 0)
+    if text_bytes > 4 * n_ctx and text_bytes > max_token_bytes() * n_ctx:
+        raise bad_request(f"the prompt is over {text_bytes // max_token_bytes()} tokens but the context window is "
+                          f"{n_ctx}; shorten it, or restart the server with a larger --ctx",
+                          param="messages" if req.kind == CHAT else "prompt", code="context_length_exceeded")
     bad_bias = [t for t in req.sampling.logit_bias if t >= n_vocab]
     if bad_bias:
         raise bad_request(f"logit_bias names token {bad_bias[0]}, outside the vocabulary (0..{n_vocab - 1})",
