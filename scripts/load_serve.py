@@ -165,6 +165,7 @@ def abandoned_request(target: Target, stream: bool) -> None:
 def client_worker(idx: int, target: Target, max_tokens: int, deadline: float, res: Results) -> None:
     client = openai_client(target.base_url, target.api_key)
     j = 0
+    malformed = idx  # this client's next malformed body: every client walks the whole list
     while time.monotonic() < deadline:
         kind = CYCLE[(idx + j) % len(CYCLE)]
         j += 1
@@ -179,7 +180,8 @@ def client_worker(idx: int, target: Target, max_tokens: int, deadline: float, re
                 abandoned_request(target, kind.endswith("stream"))
                 res.add(kind, "ok")
             else:
-                path, body, ctype = MALFORMED[(idx + j) % len(MALFORMED)]
+                path, body, ctype = MALFORMED[malformed % len(MALFORMED)]
+                malformed += 1
                 status, reply = target.raw("POST", path, body, ctype)
                 ok = 400 <= status < 500 and isinstance(json.loads(reply).get("error", {}).get("message"), str)
                 res.add(kind, "ok" if ok else "bad answer", status,

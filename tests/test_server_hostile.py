@@ -406,8 +406,20 @@ def test_body_cap_holds_on_every_route_and_memory_stays_flat(server, path, frami
 # starvation: slow uploaders, idle connections, too many connections
 # ---------------------------------------------------------------------------------------------
 
+def wait_for_quiet(server: Server, timeout: float = READ_TIMEOUT + 10) -> None:
+    """Until earlier tests' idle keep-alive connections are gone (the server closes them within its
+    read timeout): the per-client connection cap counts them too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, reply = request(server.port, "GET", "/health")
+        if reply["connections"] <= 1 or time.monotonic() > deadline:  # 1: this request's own
+            return
+        time.sleep(0.2)
+
+
 def test_slow_uploaders_do_not_starve_others_and_time_out(server):
     n_slow = 16  # 8 times --parallel
+    wait_for_quiet(server)
     body = json.dumps({"prompt": "The king", "max_tokens": 2}).encode()
     socks = []
     for _ in range(n_slow):
@@ -469,6 +481,7 @@ def test_idle_connections_are_closed(server):
 
 
 def test_connections_per_client_are_capped(server):
+    wait_for_quiet(server)
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(PER_CLIENT)]
     try:
         time.sleep(0.2)  # let the server accept them all

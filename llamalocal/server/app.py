@@ -3,7 +3,7 @@
     GET  /v1/models, /v1/models/{id}         the served model (its name, never its path)
     POST /v1/completions, /v1/chat/completions  streamed (SSE) or not
     POST /extras/tokenize, /extras/tokenize/count, /extras/detokenize
-    GET  /health                              status, requests admitted, tokens generated so far
+    GET  /health                              status; requests admitted, connections open, tokens generated
 
 Anything else is a JSON 404 (405 for a wrong method), /v1/embeddings included. Every request
 needs the key when one is set. Every POST route goes through the same
@@ -278,8 +278,9 @@ class App:
         await _send_json(send, 200, self._model_card())
 
     async def _health(self, send: Send) -> None:
+        connections = sum(self.guard.open.values()) if self.guard is not None else None
         await _send_json(send, 200, {"status": "stopping" if self.stopping else "ok", "admitted": self.in_flight,
-                                     "tokens_generated": self.engine.generated})
+                                     "connections": connections, "tokens_generated": self.engine.generated})
 
     # -----------------------------------------------------------------------------------------
     # Tokenizer routes
