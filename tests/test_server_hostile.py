@@ -515,8 +515,9 @@ def test_keep_alive_requests_do_not_wait_for_nagle(server):
         client.models.list()
         times.append(time.perf_counter() - t)
     times.sort()
-    # with Nagle's algorithm against the client's delayed ACK each of these takes ~40 ms
-    assert times[len(times) // 2] < 0.02, times
+    # with Nagle's algorithm against the client's delayed ACK (40 ms at least on Linux) each of
+    # these takes over 40 ms; without, a few ms even on a busy machine
+    assert times[len(times) // 2] < 0.03, times
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         raw = []
@@ -529,7 +530,7 @@ def test_keep_alive_requests_do_not_wait_for_nagle(server):
     finally:
         conn.close()
     raw.sort()
-    assert raw[len(raw) // 2] < 0.03, raw
+    assert raw[len(raw) // 2] < 0.035, raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +607,7 @@ def test_a_client_that_leaves_stops_its_generation(server, stream):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     time.sleep(0.3)
     sock.close()
-    time.sleep(0.5)
+    time.sleep(1.0)
     at_leave = generated(server)
     time.sleep(1.0)
     after = generated(server)
