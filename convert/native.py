@@ -440,3 +440,177 @@ def last_logits(ctx: Any, n_out: int, n_vocab: int) -> Any:
 
     ptr = ctypes.cast(llama().llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
     return np.ctypeslib.as_array(ptr, shape=(n_out * n_vocab,)).reshape(n_out, n_vocab).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# libllama: samplers and grammars (through llama-cpp-python's bindings)
+# ---------------------------------------------------------------------------------------------
+
+GRAMMAR_ROOT = b"root"
+_TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama.h's struct llama_token_data
+
+
+def _chain(lc: Any, samplers: list[Any]) -> Any:
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    for s in samplers:
+        lc.llama_sampler_chain_add(chain, s)  # the chain owns them from here
+    return chain
+
+
+def grammar_sampler(model: Any, grammar: str) -> Any | None:
+    """llama.cpp's grammar sampler for GBNF text, or None where llama.cpp refuses it (a parse error,
+    left recursion, no `root`: llama_sampler_init_grammar answers NULL and logs why)."""
+    lc = llama()
+    return lc.llama_sampler_init_grammar(lc.llama_model_get_vocab(model), grammar.encode("utf-8"), GRAMMAR_ROOT) or None
+
+
+def grammar_allowed(model: Any, grammar: str) -> int | None:
+    """How many tokens of the vocabulary `grammar` allows as the first one (None: refused).
+
+    Runs the grammar over the whole vocabulary once, as sampling does at every step; what is
+    checked here may abort the process on a malformed grammar, so the server calls this in a
+    child process it can lose (llamalocal.server.grammar)."""
+    import numpy as np
+
+    lc = llama()
+    smpl = grammar_sampler(model, grammar)
+    if smpl is None:
+        return None
+    try:
+        n_vocab = vocab_info(model)[0]
+        cand = _Candidates(lc, n_vocab)
+        cand.load(np.zeros(n_vocab, dtype=np.float32))
+        lc.llama_sampler_apply(smpl, ctypes.byref(cand.array))
+        return int(np.isfinite(cand.view["logit"][: cand.array.size]).sum())
+    finally:
+        lc.llama_sampler_free(smpl)
+
+
+def quiet_llama_log() -> None:
+    """Send llama.cpp's log to its default (stderr), away from llama-cpp-python's Python callback:
+    for a forked child, where that callback could wait on a lock another thread held."""
+    lc = llama()
+    lc.llama_log_set(ctypes.cast(0, lc.llama_log_callback), ctypes.c_void_p(0))  # NULL: llama.cpp's default
+
+
+class _Candidates:
+    """A llama_token_data_array over the whole vocabulary, filled through a numpy view."""
+
+    def __init__(self, lc: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self.n_vocab = n_vocab
+        self.buf = (lc.llama_token_data * n_vocab)()
+        self.view = np.frombuffer(self.buf, dtype=np.dtype(_TOKEN_DATA))
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.array = lc.llama_token_data_array(data=ctypes.cast(self.buf, lc.llama_token_data_p),
+                                               size=n_vocab, selected=-1, sorted=False)
+        self._data = self.array.data
+
+    def load(self, logits: Any) -> None:
+        self.view["id"] = self.ids
+        self.view["logit"] = logits
+        self.view["p"] = 0.0
+        # samplers may shrink the array and point it elsewhere: start over from the whole buffer
+        self.array.data, self.array.size, self.array.selected, self.array.sorted = self._data, self.n_vocab, -1, False
+
+
+class Sampler:
+    """llama.cpp's samplers for one completion, in llama-cpp-python's order: logit bias and
+    penalties, then the grammar, then top-k, typical, top-p, min-p, temperature and the draw
+    (or plain argmax at temperature 0).
+
+    The grammar is applied on its own, between the two chains: llama.cpp aborts the process
+    (or throws through its C API) when a grammar is handed a token it forbids, which its own
+    sampling does when a grammar allows nothing. Here a token is accepted by the grammar only
+    after the grammar allowed it, and a grammar that allows nothing ends the completion
+    (`sample` returns None).
+    """
+
+    def __init__(self, model: Any, ctx: Any, *, temp: float, top_k: int, top_p: float, min_p: float,
+                 typical_p: float, repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
+                 penalty_last_n: int, seed: int | None, grammar: str | None = None,
+                 logit_bias: dict[int, float] | None = None) -> None:
+        import numpy as np
+
+        lc = self._lc = llama()
+        self.model, self.ctx = model, ctx
+        n_vocab = vocab_info(model)[0]
+        self.n_vocab = n_vocab
+        self.pre = self.post = self.grammar = None
+        self.bias_ids = np.array(sorted(logit_bias or {}), dtype=np.int64)
+        self.bias = np.array([(logit_bias or {})[int(i)] for i in self.bias_ids], dtype=np.float32)
+        if self.bias_ids.size and (self.bias_ids.min() < 0 or self.bias_ids.max() >= n_vocab):
+            raise LlamalocalError(f"logit_bias names a token outside the vocabulary (0..{n_vocab - 1})")
+        try:
+            self.pre = _chain(lc, [lc.llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty,
+                                                                   frequency_penalty, presence_penalty)])
+            if grammar is not None:
+                self.grammar = grammar_sampler(model, grammar)
+                if self.grammar is None:
+                    raise LlamalocalError("llama.cpp refused the grammar")
+            if temp == 0:
+                post = [lc.llama_sampler_init_greedy()]
+            else:
+                post = [lc.llama_sampler_init_top_k(top_k), lc.llama_sampler_init_typical(typical_p, 1),
+                        lc.llama_sampler_init_top_p(top_p, 1), lc.llama_sampler_init_min_p(min_p, 1),
+                        lc.llama_sampler_init_temp(temp),
+                        lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)]
+            self.post = _chain(lc, post)
+            self.cand = _Candidates(lc, n_vocab)
+        except BaseException:
+            self.close()
+            raise
+
+    def sample(self) -> int | None:
+        """The next token from the last decode's logits, or None where the grammar allows none."""
+        import numpy as np
+
+        lc = self._lc
+        ptr = lc.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise LlamalocalError("llama.cpp has no logits for the last token")
+        cand = self.cand
+        cand.load(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        logit = cand.view["logit"]
+        if self.bias_ids.size:
+            logit[self.bias_ids] += self.bias
+        arr = ctypes.byref(cand.array)
+        lc.llama_sampler_apply(self.pre, arr)  # in place, in id order
+        allowed = None
+        if self.grammar is not None:
+            lc.llama_sampler_apply(self.grammar, arr)  # forbidden tokens: -inf, still in id order
+            allowed = np.isfinite(logit)
+            if not allowed.any():
+                return None
+            allowed_logit = np.where(allowed, logit, -np.inf)
+        lc.llama_sampler_apply(self.post, arr)
+        sel = cand.array.selected
+        if not 0 <= sel < cand.array.size:
+            raise LlamalocalError(f"llama.cpp's sampler selected no token (index {sel})")
+        token = int(cand.array.data[sel].id)
+        if allowed is not None and not allowed[token]:
+            token = int(np.argmax(allowed_logit))  # the draw landed on a forbidden token: take the best allowed
+        return token
+
+    def accept(self, token: int) -> None:
+        """Record `token` as generated (penalties, the grammar's state, the draw's history)."""
+        lc = self._lc
+        lc.llama_sampler_accept(self.pre, token)
+        if self.grammar is not None and not is_eog(self.model, token):
+            lc.llama_sampler_accept(self.grammar, token)
+        lc.llama_sampler_accept(self.post, token)
+
+    def close(self) -> None:
+        lc = self._lc
+        for name in ("pre", "grammar", "post"):
+            smpl = getattr(self, name)
+            if smpl is not None:
+                lc.llama_sampler_free(smpl)
+                setattr(self, name, None)
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
