@@ -28,7 +28,6 @@ from typing import Any, TextIO
 
 from llamalocal.convert.tiktoken_bpe import END_HEADER, EOT, START_HEADER
 from llamalocal.errors import BadInputError
-from llamalocal.gguf_header import header_values
 from llamalocal.runner import GenStats, Sampling, context_size, stream_tokens
 
 TEMPLATES = ("inst", "llama3", "plain")
@@ -87,6 +86,8 @@ def pick_template(override: str | None, model_name: str | None, path: Path,
             raise BadInputError(f"unknown template {override!r}; use one of: {', '.join(TEMPLATES)}")
         return override, "chosen with --template"
     if metadata is None and path.is_file():
+        from llamalocal.gguf_header import header_values  # imported when used: `--help` stays instant
+
         metadata = header_values(path, [_PRE, _CHAT_TEMPLATE, _EOS, _EOT])
     meta = metadata or {}
     chat_template = meta.get(_CHAT_TEMPLATE, "")
