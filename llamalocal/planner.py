@@ -168,8 +168,12 @@ class Plan:
         lines = [f"{self.model_name}: {self.n_layers} layers over {len(self.devices)} devices [{self.fits}] — "
                  f"{self.reason}"]
         for d in self.devices:
-            span = (f"layers {d.first_layer}-{d.first_layer + d.n_layers - 1}" if d.n_layers and d.first_layer is not None
-                    else "no layers")
+            if not d.n_layers or d.first_layer is None:
+                span = "no layers"
+            elif d.n_layers == 1:
+                span = f"layer {d.first_layer}"
+            else:
+                span = f"layers {d.first_layer}-{d.first_layer + d.n_layers - 1}"
             if d.has_output:
                 span += " + output"
             body = (f"{span}: weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute "

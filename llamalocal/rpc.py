@@ -373,8 +373,9 @@ class _WorkerRelay:
             conn.sendall(MAGIC + bytes([1 if self.key is not None else 0]) + wn + _proof(k, b"worker", cn, wn))
             answer = _recv_exact(conn, NONCE_BYTES + 1)
             if not hmac.compare_digest(answer[:NONCE_BYTES], _proof(k, b"client", cn, wn)):
-                _send_reply(conn, _REFUSED, {"error": "wrong key" if self.key is not None else "bad handshake"})
-                return self._drop(conn, peer, "wrong key" if self.key is not None else "bad handshake")
+                why = "wrong key (or none)" if self.key is not None else "bad handshake"
+                _send_reply(conn, _REFUSED, {"error": why})
+                return self._drop(conn, peer, why)
             purpose = answer[NONCE_BYTES:]
             if purpose == _PROBE:
                 _send_reply(conn, _OK, self.info())

@@ -60,6 +60,7 @@ class ServeConfig:
     alias: str | None = None  # model id in /v1/models; default: the file's stem
     template: str | None = None  # chat prompt format, "inst" or "plain"; default as `chat` picks it
     access_log: bool = True
+    rpc: Any = None  # llamalocal.rpc.RpcConfig: layers on RPC workers (a lost one: 503 from then on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +224,11 @@ class RequestGate:
     """
 
     def __init__(self, app: Any, *, check: Callable[[str, bytes], bytes], api_key: str | None,
-                 parallel: int, stopping: Callable[[], bool] = lambda: False) -> None:
+                 parallel: int, stopping: Callable[[], bool] = lambda: False,
+                 unavailable: Callable[[], str | None] | None = None) -> None:
         self.app = app
         self.stopping = stopping
+        self.unavailable = unavailable
         self.check = check
         self.api_key = api_key
         self.parallel = parallel
@@ -242,6 +245,9 @@ class RequestGate:
             return
         if scope["method"] != "POST" or path not in (_COMPLETION, _CHAT):
             await self.app(scope, receive, send)
+            return
+        if self.unavailable is not None and (why := self.unavailable()):
+            await _reply(_lost(why), scope, receive, send)
             return
         if self.in_flight >= self.parallel:
             await _reply(RequestProblem(503, f"server busy: {self.parallel} requests already admitted "
@@ -304,7 +310,40 @@ class RequestGate:
                 return {"type": "http.disconnect"}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if self.unavailable is None:
+            await self.app(scope, replay, send)
+        else:
+            await self._watched(scope, replay, send)
+
+    async def _watched(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """The route, unless the model's RPC worker is lost meanwhile: the route is then stuck in
+        llama.cpp for good (ggml's RPC calls have no timeout), so answer for it (503, or an error
+        event that ends a stream already under way) and leave it behind."""
+        import asyncio
+
+        started = cut = False
+
+        async def forward(message: dict) -> None:
+            nonlocal started
+            if cut:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, forward))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            why = None if task.done() else self.unavailable()  # type: ignore[misc]
+            if why:
+                cut = True
+                problem = _lost(why)
+                if not started:
+                    await _reply(problem, scope, receive, send)
+                else:
+                    event = b"data: " + json.dumps({"error": problem.error}).encode() + b"\r\n\r\n"
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                return
+        task.result()
 
     def _authorized(self, scope: dict) -> bool:
         import hmac
@@ -315,6 +354,11 @@ class RequestGate:
                 given = token.strip().encode("utf-8", "surrogateescape")
                 return scheme.lower() == "bearer" and hmac.compare_digest(given, (self.api_key or "").encode("utf-8"))
         return False
+
+
+def _lost(why: str) -> RequestProblem:
+    return RequestProblem(503, f"{why}; this server cannot generate any more: restart it once the worker is back",
+                          kind="server_error", code="rpc_worker_lost")
 
 
 async def _reply(problem: RequestProblem, scope: dict, receive: Callable, send: Callable,
@@ -330,7 +374,8 @@ async def _reply(problem: RequestProblem, scope: dict, receive: Callable, send: 
 
 def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | None = None,
               parallel: int = DEFAULT_PARALLEL, formatter: Any = None,
-              stopping: Callable[[], bool] = lambda: False) -> Any:
+              stopping: Callable[[], bool] = lambda: False,
+              unavailable: Callable[[], str | None] | None = None) -> Any:
     """The stock llama_cpp.server routes over an already loaded `llm`, behind our RequestGate.
 
     Args:
@@ -341,6 +386,7 @@ def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | 
         parallel: requests admitted at once; one generates, the others wait in arrival order.
         formatter: chat formatter; default `choose_chat_formatter(llm, path)`.
         stopping: tells whether the server is shutting down (open streams are then ended).
+        unavailable: why the model can no longer run (a lost RPC worker), or None while it can.
     Returns:
         The ASGI app (FastAPI).
     """
@@ -372,7 +418,8 @@ def build_app(llm: Any, path: Path, *, alias: str | None = None, api_key: str | 
     def check(route: str, body: bytes) -> bytes:
         return prepare_request(route, body, llm, formatter)
 
-    app.add_middleware(RequestGate, check=check, api_key=api_key, parallel=parallel, stopping=stopping)
+    app.add_middleware(RequestGate, check=check, api_key=api_key, parallel=parallel, stopping=stopping,
+                       unavailable=unavailable)
     return app
 
 
@@ -418,9 +465,16 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
     from llamalocal.runner import load_model
 
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    rpc = cfg.rpc
+    if rpc is not None:  # a lost worker does not end the server: its requests get 503 from then on
+        import dataclasses
+
+        rpc = dataclasses.replace(rpc, on_lost=lambda ep, what: say(f"error: RPC worker {ep} {what}; "
+                                                                    "answering 503 from now on"))
     # the runner logs the plan through `say`: the same text `llamalocal plan` prints
     loaded = load_model(model_path, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, threads=cfg.threads,
-                        force=cfg.force, verbose=False, log=say)
+                        force=cfg.force, verbose=False, log=say, rpc=rpc)
+    unavailable = (lambda: loaded.rpc.lost) if loaded.rpc is not None else None
     try:
         if loaded.plan is None:
             say(f"placement: not planned (the runner returned no plan); model {loaded.path}")
@@ -428,7 +482,7 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         servers: list[Any] = []  # the uvicorn.Server, once made: its should_exit is set by SIGINT/SIGTERM
         app = build_app(loaded.llm, Path(loaded.path), alias=cfg.alias, api_key=cfg.api_key,
                         parallel=cfg.parallel, formatter=formatter,
-                        stopping=lambda: bool(servers) and servers[0].should_exit)
+                        stopping=lambda: bool(servers) and servers[0].should_exit, unavailable=unavailable)
         sock = bind_socket(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -464,7 +518,7 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
         if signal.SIGINT in stopped_by:
             raise KeyboardInterrupt  # the CLI exits 130, as for any Ctrl-C
     finally:
-        loaded.llm.close()
+        loaded.close()  # not after a lost worker: freeing the model would wait on it for ever
 
 
 def _version() -> str:

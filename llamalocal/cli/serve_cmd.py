@@ -13,6 +13,8 @@ from llamalocal.cli.common import (
     force_option,
     gpu_layers_option,
     models_dir_option,
+    rpc_config,
+    rpc_options,
     threads_option,
 )
 
@@ -45,10 +47,12 @@ from llamalocal.server import DEFAULT_PORT as _PORT
 @ctx_option
 @gpu_layers_option
 @threads_option
+@rpc_options
 @force_option
 @models_dir_option
 def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int, template: str | None,
-          alias: str | None, access_log: bool, n_ctx: int | None, n_gpu_layers: int | str, threads: int | None, force: bool,
+          alias: str | None, access_log: bool, n_ctx: int | None, n_gpu_layers: int | str, threads: int | None,
+          rpc_endpoints: str | None, rpc_key_file: Path | None, tensor_split: list[float] | None, force: bool,
           models_dir: Path | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (default: the newest converted model).
 
@@ -75,7 +79,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     path = resolve_gguf(model, models_dir)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       threads=threads, force=force, parallel=parallel, alias=alias, template=template,
-                      access_log=access_log)
+                      access_log=access_log,
+                      rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=lambda m: click.echo(m, err=True)))
     code = 0
     try:
         run_server(path, cfg, log=lambda text: click.echo(text, err=True))
