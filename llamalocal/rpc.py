@@ -100,9 +100,20 @@ def parse_endpoint(text: str) -> Endpoint:
             port = rest.removeprefix(":")
     elif t.count(":") == 1:
         host, port = t.split(":")
+    elif ":" in t and not _is_ipv6(t):
+        host = ""
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise BadInputError(f"--rpc: {text!r} is not HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT})")
     return Endpoint(host, int(port))
+
+
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def parse_endpoints(text: str) -> list[Endpoint]:
@@ -259,6 +270,8 @@ class _Link:
         self.on_end = on_end
         self._lock = threading.Lock()
         self._done = False
+        self.sent = {id(a): 0, id(b): 0}  # bytes read from each side and passed on
+        self.started = time.monotonic()
 
     def start(self) -> None:
         for src, dst in ((self.a, self.b), (self.b, self.a)):
@@ -278,6 +291,7 @@ class _Link:
                 dst.sendall(view[:n])
             except OSError as e:
                 return self._ended(dst, _what(e))
+            self.sent[id(src)] += n
 
     def _ended(self, side: socket.socket, what: str) -> None:
         with self._lock:
@@ -392,7 +406,9 @@ class _WorkerRelay:
             self._drop(conn, peer, f"handshake not completed ({_what(e)})")
 
     def _serve(self, conn: socket.socket, peer: str, head: bytes) -> None:
-        """Hand the connection to ggml. ggml serves one client at a time: a second one waits."""
+        """Hand the connection to ggml. ggml serves one client at a time: a second one waits.
+        The session's end is logged with the bytes each way (with --cache, a second load of the
+        same model receives far fewer)."""
         try:
             up = socket.create_connection(("127.0.0.1", self.ggml_port), timeout=CONNECT_TIMEOUT_S)
         except OSError as e:
@@ -408,9 +424,12 @@ class _WorkerRelay:
         def ended(what: str) -> None:
             with self._lock:
                 self.sessions.pop(peer, None)
-            self.log(f"{peer}: session ended ({what})")
+            mib_in, mib_out = link.sent[id(conn)] / 2**20, link.sent[id(up)] / 2**20
+            self.log(f"{peer}: session ended ({what}; {mib_in:.2f} MiB received, {mib_out:.2f} MiB sent, "
+                     f"{time.monotonic() - link.started:.1f} s)")
 
-        _Link(conn, up, on_end=ended).start()
+        link = _Link(conn, up, on_end=ended)
+        link.start()
 
     def busy_with(self) -> str | None:
         with self._lock:
@@ -543,6 +562,15 @@ def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[
         relay = _WorkerRelay(listener, ggml_port, cfg.key, info, log)
         relay.start()
 
+    stop: list[int] = []
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.append(signum)
+        stopped.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the endpoint is out: a client may stop us at once
+        signal.signal(sig, on_signal)
     free, total = memory()
     out(f"listening on {endpoint}")
     log(f"serving {desc['name']} ({desc['description']}), {threads} threads: {free / 2**30:.2f} GiB free of "
@@ -556,15 +584,6 @@ def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[
     else:
         log("no key: loopback only (anything on this machine can connect); Ctrl-C stops")
 
-    stop: list[int] = []
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.append(signum)
-        stopped.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
     while not stopped.wait(0.5):
         if not server.is_alive():
             raise LlamalocalError("ggml's RPC server stopped")
@@ -693,11 +712,12 @@ class RpcSession:
 
     # -- finding out what the workers have -------------------------------------------------
 
-    def probe(self) -> list[Any]:
+    def probe(self, *, refuse_busy: bool = True) -> list[Any]:
         """Each worker's device as a hardware.Device (kind "rpc"), asked in parallel.
 
         Raises:
-            RPCError / RPCAuthError: for the first worker that cannot be used, naming it.
+            RPCError / RPCAuthError: for the first worker that cannot be used, naming it; with
+                `refuse_busy`, a worker serving another client (a load would wait for it).
         """
         if not self.cfg.endpoints:
             return []
@@ -709,8 +729,11 @@ class RpcSession:
                 self.workers = [f.result() for f in futures]
         for w in self.workers:
             if w.busy_with:
-                raise RPCError(f"RPC worker {w.endpoint} is serving another client ({w.busy_with}); a worker serves "
-                               "one client at a time: stop that one, or start another worker")
+                msg = (f"RPC worker {w.endpoint} is serving another client ({w.busy_with}); a worker serves one "
+                       "client at a time: stop that one, or start another worker")
+                if refuse_busy:
+                    raise RPCError(msg)
+                self.log(f"warning: {msg}")
         return [w.device() for w in self.workers]
 
     def _probe_direct(self, ep: Endpoint) -> WorkerInfo:

@@ -86,7 +86,8 @@ def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unifie
     if cfg is not None and cfg.endpoints:
         from llamalocal.rpc import RpcSession
 
-        hw = hardware.with_workers(hw, RpcSession(cfg).probe())
+        session = RpcSession(cfg, log=lambda msg: click.echo(msg, err=True))
+        hw = hardware.with_workers(hw, session.probe(refuse_busy=False))
     if worker_mem:
         hw = hardware.with_workers(hw, hardware.hypothetical_workers(list(worker_mem)))
     p = planner.plan(desc, hw, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type, threads=threads,
