@@ -597,10 +597,10 @@ def _plan_split(model: ModelDesc, hw: Hardware, *, n_ctx: int, cache_type: str, 
 
     llama_devices: list[str] = []
     shares: list[float] = []
-    for j, d in enumerate(remote, 1):
+    for j, dev in enumerate(remote, 1):
         has_output = j - 1 == out_j
         if counts[j] or has_output:                  # a device with nothing is not given to llama.cpp at all
-            llama_devices.append(f"rpc:{d.endpoint}" if d.kind == "rpc" else d.name)
+            llama_devices.append(f"rpc:{dev.endpoint}" if dev.kind == "rpc" else dev.name)
             shares.append(counts[j] + (1 if has_output else 0))
     if out_j < 0:
         llama_devices.append("CPU")

@@ -50,8 +50,9 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "llamalocal", "worker", "--port", "0", "--threads", "1",
                                       *args], stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=_env(),
                                      preexec_fn=_default_sigint)
+        assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+        line = self.proc.stdout.readline() if ready else ""
         m = re.fullmatch(r"listening on (\S+:\d+)\n", line)
         if not m:
             self.stop()
@@ -85,9 +86,9 @@ class Worker:
         self.log_file.close()
 
 
-def llamalocal(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def llamalocal(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamalocal", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), **kw)
+                          timeout=timeout, env=_env() | (env or {}))
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +266,11 @@ def test_plan_json_shows_three_devices_holding_layers(workers, key_file, model):
     assert j["fits"] == "rpc" and len(devs) == 3 and all(d["n_layers"] >= 1 for d in devs)
     assert [d.get("endpoint") for d in devs] == [None, workers[0].endpoint, workers[1].endpoint]
     assert devs[0]["kind"] == "cpu" and devs[0]["has_output"] and [d["kind"] for d in devs[1:]] == ["rpc", "rpc"]
-    # and by budget, without --tensor-split: every device still gets layers (they all have room)
-    r = llamalocal("plan", str(model), *rpc_args(workers, key_file))
-    assert r.returncode == 0 and f"worker {workers[1].endpoint}: layer" in r.stdout, r.stdout
+    # and by budget, without --tensor-split: every device still gets layers (they all have room);
+    # the key from $LLAMALOCAL_RPC_KEY_FILE this time
+    r = llamalocal("plan", str(model), "--rpc", ",".join(w.endpoint for w in workers),
+                   env={"LLAMALOCAL_RPC_KEY_FILE": str(key_file)})
+    assert r.returncode == 0 and f"worker {workers[1].endpoint}: layer" in r.stdout, r.stdout + r.stderr
 
 
 _ASSIGNED = re.compile(r"layer +(\d+) assigned to device (\S+),")
