@@ -468,6 +468,25 @@ def _quiet_stdout() -> None:
     sys.stdout = open(saved, "w", buffering=1, closefd=True)  # noqa: SIM115  (the process's stdout from now on)
 
 
+def _start_ggml_server(port: int, dev: int, threads: int, cache: str | None) -> threading.Thread | None:
+    """ggml's RPC server on 127.0.0.1:port, on a thread of its own; None if it did not start."""
+    from llamalocal.convert import native
+
+    server = threading.Thread(target=native.rpc_start_server, args=(f"127.0.0.1:{port}", dev, threads, cache),
+                              daemon=True, name="ggml-rpc-server")
+    server.start()
+    deadline = time.monotonic() + 10
+    while server.is_alive():  # ready once its port accepts (ggml serves that as a client that leaves at once)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                raise LlamalocalError("ggml's RPC server did not start within 10 s") from None
+            time.sleep(0.05)
+    return None  # its accept loop returned: it could not bind the port
+
+
 def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[str], None]) -> int:
     """Serve this machine's device to llamalocal clients until SIGINT or SIGTERM.
 
@@ -535,7 +554,8 @@ def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[
     def info() -> dict[str, Any]:
         free, total = memory()
         busy = relay.busy_with() if relay is not None else None
-        kind = {native.DEV_CPU: "cpu", native.DEV_IGPU: "unified"}.get(desc["type"], "gpu")
+        unified = desc["type"] == native.DEV_IGPU or desc["backend"].lower() in ("metal", "mtl")
+        kind = "cpu" if desc["type"] == native.DEV_CPU else ("unified" if unified else "gpu")
         return {"llamalocal": __version__, "llama_cpp_python": native.installed_version(),
                 "device": {"name": desc["name"], "description": desc["description"], "kind": kind,
                            "free_bytes": free, "total_bytes": total},
@@ -543,21 +563,14 @@ def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[
                 "threads": threads}
 
     _quiet_stdout()
-    server = threading.Thread(target=native.rpc_start_server, args=(f"127.0.0.1:{ggml_port}", dev, threads, cache),
-                              daemon=True, name="ggml-rpc-server")
-    server.start()
-    deadline = time.monotonic() + 10
-    while True:  # ready once its port accepts (ggml serves that probe as a client that leaves at once)
-        if not server.is_alive():
-            raise LlamalocalError(f"ggml's RPC server did not start on 127.0.0.1:{ggml_port} (port taken?); "
-                                  "run the worker again")
-        try:
-            socket.create_connection(("127.0.0.1", ggml_port), timeout=1).close()
+    server = None
+    for _ in range(3):  # the free port picked for ggml may be taken before ggml binds it: pick again
+        server = _start_ggml_server(ggml_port, dev, threads, cache)
+        if server is not None or cfg.direct:
             break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise LlamalocalError("ggml's RPC server did not start within 10 s") from None
-            time.sleep(0.05)
+        ggml_port = _free_loopback_port()
+    if server is None:
+        raise LlamalocalError(f"ggml's RPC server did not start on 127.0.0.1:{ggml_port} (port taken?)")
     if listener is not None:
         relay = _WorkerRelay(listener, ggml_port, cfg.key, info, log)
         relay.start()
