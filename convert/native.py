@@ -99,13 +99,18 @@ def lib_dir() -> Path:
 
 def library_file(stem: str) -> Path | None:
     """The shared library `stem` ("ggml-base", "ggml-rpc", ...) in llama-cpp-python's lib folder."""
+    d = lib_dir()
     if sys.platform == "win32":
         names = [f"{stem}.dll", f"lib{stem}.dll"]
     elif sys.platform == "darwin":
         names = [f"lib{stem}.dylib", f"lib{stem}.so"]
     else:
-        names = [f"lib{stem}.so"]
-    d = lib_dir()
+        # A wheel holds copies, not symlinks: libggml-base.so, .so.0 and .so.0.25.3 are three files.
+        # The libraries name each other by soname (lib{stem}.so.N), so that is the copy in use;
+        # loading another one would load the library twice, each with globals of its own (ggml's
+        # abort handler, its backend registry).
+        sonames = sorted(p.name for p in d.glob(f"lib{stem}.so.*") if p.name.rpartition(".so.")[2].isdigit())
+        names = [*sonames, f"lib{stem}.so"]
     return next((d / n for n in names if (d / n).exists()), None)
 
 

@@ -474,3 +474,33 @@ def test_cache_keeps_weights_on_the_worker(rpc_dir, tmp_path, key_file):
         assert received[0] - received[1] == pytest.approx(saved, rel=0.02), (received, saved)
     finally:
         w.stop()
+
+
+def test_without_the_relay_ggml_abort_is_still_one_line(rpc_dir, model):
+    """With ggml's client straight on a worker (no relay to notice first), ggml itself aborts on
+    the lost connection: its abort handler is replaced, so that too is one line and status 1."""
+    w = Worker(rpc_dir, "--direct")
+    code = f"""
+import sys
+from llamalocal.rpc import RpcConfig, parse_endpoints
+from llamalocal.runner import load_model, stream_tokens, tokenize_prompt, Sampling
+loaded = load_model({str(model)!r}, threads=1, rpc=RpcConfig(parse_endpoints({w.endpoint!r}), tensor_split=[1, 1],
+                    direct=True))
+for piece in stream_tokens(loaded.llm, tokenize_prompt(loaded.llm, {PROMPT!r}), max_tokens=1900,
+                           sampling=Sampling(temp=0)):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and os.read(proc.stdout.fileno(), 64)
+        w.kill()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        w.stop()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    assert r.returncode == 1 and "Error: llama.cpp stopped on an RPC failure" in one_line_error(r), r.stderr
