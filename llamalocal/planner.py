@@ -175,7 +175,7 @@ class Plan:
             else:
                 span = f"layers {d.first_layer}-{d.first_layer + d.n_layers - 1}"
             if d.has_output:
-                span += " + output"
+                span = "the output layer" if span == "no layers" else span + " + output"
             body = (f"{span}: weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute "
                     f"{_gib(d.compute_bytes)}")
             if d.kind == "cpu":

@@ -83,13 +83,13 @@ def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unifie
     desc = read_model_desc(resolve_gguf(model, models_dir))
     hw = _hardware(gpu_mem, unified, ram)
     cfg = rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=lambda msg: click.echo(msg, err=True))
+    workers = hardware.hypothetical_workers(list(worker_mem))
     if cfg is not None and cfg.endpoints:
         from llamalocal.rpc import RpcSession
 
         session = RpcSession(cfg, log=lambda msg: click.echo(msg, err=True))
-        hw = hardware.with_workers(hw, session.probe(refuse_busy=False))
-    if worker_mem:
-        hw = hardware.with_workers(hw, hardware.hypothetical_workers(list(worker_mem)))
+        workers = session.probe(refuse_busy=False) + workers  # real ones first, in --rpc order
+    hw = hardware.with_workers(hw, workers)
     p = planner.plan(desc, hw, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type, threads=threads,
                      mlock=mlock, tensor_split=cfg.tensor_split if cfg is not None else None)
     planner.check(p, force)
