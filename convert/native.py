@@ -33,6 +33,9 @@ _ALLOW_OTHER_VERSION = "LLAMALOCAL_ALLOW_LLAMA_CPP_VERSION"  # set to 1 to run a
 vp, sz, i64, c_int, c_bool, cs = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int,
                                   ctypes.c_bool, ctypes.c_char_p)
 
+# ggml.h: typedef void (*ggml_abort_callback_t)(const char * error_message)
+_ABORT_FN = ctypes.CFUNCTYPE(None, cs)
+
 # library stem -> {function: (argtypes, restype)}. enum ggml_type is an int.
 _SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
     "ggml-base": {
@@ -46,6 +49,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "ggml_blck_size": ([c_int], i64),
         "ggml_type_size": ([c_int], sz),
         "ggml_threadpool_params_init": ([vp, c_int], None),
+        "ggml_set_abort_callback": ([_ABORT_FN], vp),
     },
     "ggml-cpu": {
         "ggml_cpu_init": ([], None),
@@ -67,7 +71,16 @@ _SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "ggml_backend_dev_type": ([vp], c_int),
         "ggml_backend_dev_backend_reg": ([vp], vp),
         "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        "ggml_backend_dev_by_name": ([cs], vp),
+        "ggml_backend_dev_by_type": ([c_int], vp),
+        "ggml_backend_reg_dev_count": ([vp], sz),
+        "ggml_backend_reg_dev_get": ([vp, sz], vp),
         "ggml_backend_load_all": ([], None),
+    },
+    # direct symbols, used only where the "RPC" registry entry lacks the proc address
+    "ggml-rpc": {
+        "ggml_backend_rpc_add_server": ([cs], vp),
+        "ggml_backend_rpc_start_server": ([cs, cs, sz, sz, vp], None),
     },
 }
 
@@ -86,13 +99,18 @@ def lib_dir() -> Path:
 
 def library_file(stem: str) -> Path | None:
     """The shared library `stem` ("ggml-base", "ggml-rpc", ...) in llama-cpp-python's lib folder."""
+    d = lib_dir()
     if sys.platform == "win32":
         names = [f"{stem}.dll", f"lib{stem}.dll"]
     elif sys.platform == "darwin":
         names = [f"lib{stem}.dylib", f"lib{stem}.so"]
     else:
-        names = [f"lib{stem}.so"]
-    d = lib_dir()
+        # A wheel holds copies, not symlinks: libggml-base.so, .so.0 and .so.0.25.3 are three files.
+        # The libraries name each other by soname (lib{stem}.so.N), so that is the copy in use;
+        # loading another one would load the library twice, each with globals of its own (ggml's
+        # abort handler, its backend registry).
+        sonames = sorted(p.name for p in d.glob(f"lib{stem}.so.*") if p.name.rpartition(".so.")[2].isdigit())
+        names = [*sonames, f"lib{stem}.so"]
     return next((d / n for n in names if (d / n).exists()), None)
 
 
@@ -283,6 +301,131 @@ def backend_devices() -> list[dict[str, Any]]:
 def system_info() -> str:
     """llama.cpp's system info line ("CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 |")."""
     return llama().llama_print_system_info().decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# ggml: the RPC backend (llama.cpp's ggml-rpc), and devices for llama_model_params
+# ---------------------------------------------------------------------------------------------
+
+# ggml-rpc.h: void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir,
+#                 size_t n_threads, size_t n_devices, ggml_backend_dev_t * devices)
+_START_SERVER_FN = ctypes.CFUNCTYPE(None, cs, cs, sz, sz, vp)
+# ggml-rpc.h: ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint)
+_ADD_SERVER_FN = ctypes.CFUNCTYPE(vp, cs)
+
+
+def rpc_available() -> bool:
+    """Whether this llama-cpp-python build has ggml's RPC backend (built with -DGGML_RPC=on)."""
+    try:
+        return bool(_registry().ggml_backend_reg_by_name(b"RPC"))
+    except (OSError, LlamalocalError):
+        return False
+
+
+def _rpc_proc(name: str, prototype: Any) -> Any:
+    """An RPC backend function, looked up the way llama.cpp's own tools do: through the "RPC"
+    registry entry's proc address (works with dynamically loaded backends too), else the symbol."""
+    lib = _registry()
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise LlamalocalError("this llama-cpp-python build has no RPC backend (it was compiled without "
+                              "-DGGML_RPC=on); `llamalocal doctor` prints the reinstall command")
+    addr = lib.ggml_backend_reg_get_proc_address(reg, name.encode())
+    if addr:
+        return prototype(addr)
+    return getattr(library("ggml-rpc"), name)
+
+
+def device_by_name(name: str) -> int | None:
+    """A ggml device handle by ggml's name ("CPU", "CUDA0", "Metal"), or None."""
+    return _registry().ggml_backend_dev_by_name(name.encode()) or None
+
+
+def cpu_device() -> int:
+    dev = _registry().ggml_backend_dev_by_type(DEV_CPU)
+    if not dev:
+        raise LlamalocalError("ggml has no CPU device in this llama-cpp-python build")
+    return int(dev)
+
+
+def device_memory(dev: int) -> tuple[int, int]:
+    """(free, total) bytes of a ggml device handle (an RPC device asks its server)."""
+    free, total = sz(0), sz(0)
+    _registry().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
+
+
+def rpc_add_server(endpoint: str) -> list[int]:
+    """Register the RPC server at `endpoint` ("host:port") with ggml and return its devices.
+
+    ggml connects at once to count them; ggml aborts the process if nothing answers there, so
+    callers make sure something does (llamalocal always hands ggml a local relay's port).
+    """
+    reg = _rpc_proc("ggml_backend_rpc_add_server", _ADD_SERVER_FN)(endpoint.encode())
+    if not reg:
+        raise LlamalocalError(f"the RPC server at {endpoint} reports no devices")
+    lib = _registry()
+    return [int(lib.ggml_backend_reg_dev_get(reg, i)) for i in range(lib.ggml_backend_reg_dev_count(reg))]
+
+
+def rpc_start_server(endpoint: str, device: int, n_threads: int, cache_dir: str | None = None) -> None:
+    """Serve `device` with ggml's RPC server on `endpoint` ("127.0.0.1:port"). Blocks for as long
+    as the server runs (its accept loop never returns unless the port cannot be bound); the GIL
+    is released meanwhile, so run it on a thread of its own."""
+    fn = _rpc_proc("ggml_backend_rpc_start_server", _START_SERVER_FN)
+    devices = (vp * 1)(device)
+    fn(endpoint.encode(), cache_dir.encode() if cache_dir else None, n_threads, 1, devices)
+
+
+class DeviceList:
+    """A NULL-terminated ggml_backend_dev_t array for llama_model_params.devices. llama.cpp copies
+    the handles when the model loads; the owner keeps this alive as long as the model anyway."""
+
+    def __init__(self, devices: list[int]) -> None:
+        self.devices = list(devices)
+        self.array = (vp * (len(devices) + 1))(*devices, None)
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.array)
+
+
+@contextmanager
+def model_devices(devices: DeviceList | None) -> Iterator[None]:
+    """While active, llama-cpp-python's Llama(...) loads its model with `devices` in
+    llama_model_params.devices. (Its own `rpc_servers` is gone in 0.3.x, and it never sets the
+    field: Llama builds its params from llama_model_default_params(), which this wraps.)"""
+    if devices is None:
+        yield
+        return
+    bindings = llama().llama_cpp
+    default = bindings.llama_model_default_params
+
+    def with_devices() -> Any:
+        params = default()
+        params.devices = devices.address
+        return params
+
+    bindings.llama_model_default_params = with_devices
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
+_abort_handler: list[Any] = []  # the installed ctypes callback, kept alive
+
+
+def on_ggml_abort(handler: Any) -> None:
+    """Call `handler(message)` instead of ggml's abort (message and backtrace, then SIGABRT).
+    ggml calls abort() right after the handler returns, so the handler must end the process
+    itself (os._exit). ggml aborts on any RPC failure; this turns that into one clear line."""
+    def call(message: bytes | None) -> None:
+        handler((message or b"").decode(errors="replace"))
+
+    cb = _ABORT_FN(call)
+    _abort_handler[:] = [cb]
+    library("ggml-base").ggml_set_abort_callback(cb)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def bytes_per_token(desc: Any) -> int:
 def bench(path: str | Path, *, threads: int | None = None, n_gpu_layers: int | str = "auto",
           n_prompt: int = N_PROMPT, n_gen: int = N_GEN, repetitions: int = REPETITIONS,
           bandwidth_mib: int = BANDWIDTH_MIB, force: bool = False,
-          progress: ProgressFn | None = None, log: ProgressFn | None = None) -> BenchResult:
+          progress: ProgressFn | None = None, log: ProgressFn | None = None, rpc: Any = None) -> BenchResult:
     """Load a GGUF and measure pp / tg like llama-bench, plus the generation bandwidth bound.
 
     Args:
@@ -221,6 +221,7 @@ def bench(path: str | Path, *, threads: int | None = None, n_gpu_layers: int | s
         repetitions: timed runs per test, after one warm-up.
         bandwidth_mib: size of each copy buffer for the bandwidth measurement (0 skips it).
         progress: receives "pp512: run 2/5"-style steps; log: the runner's messages (the plan).
+        rpc: RPC workers / --tensor-split (llamalocal.rpc.RpcConfig), as for `load_model`.
 
     Raises:
         BadInputError: sizes out of range; the runner's errors for bad files or placements.
@@ -234,7 +235,7 @@ def bench(path: str | Path, *, threads: int | None = None, n_gpu_layers: int | s
         raise BadInputError(f"--bandwidth-mib must be 0 or more (got {bandwidth_mib})")
     n_batch = max(n_prompt, 1)  # one decode per pp run when it fits, as llama-bench's -b 2048
     loaded = load_model(path, n_ctx=max(n_prompt, n_gen, 16), n_batch=min(n_batch, 2048),
-                        n_gpu_layers=n_gpu_layers, threads=threads, force=force, verbose=False, log=log)
+                        n_gpu_layers=n_gpu_layers, threads=threads, force=force, verbose=False, log=log, rpc=rpc)
     llm = loaded.llm
     try:
         # the threads the runner gave the context (the plan's choice unless --threads was given)

@@ -25,12 +25,13 @@ class Device:
     """One place tensors can live. `free_bytes` is what the planner may use (for Metal: the
     recommended working set, as ggml reports it)."""
 
-    name: str            # ggml's device name: "CPU", "CUDA0", "Metal", "Vulkan0", "RPC[host:port]"
-    kind: str            # "cpu" | "gpu" | "unified"
+    name: str            # ggml's device name: "CPU", "CUDA0", "Metal", "Vulkan0"; a worker's own device
+    kind: str            # "cpu" | "gpu" | "unified" | "rpc" (a `llamalocal worker` on another machine)
     total_bytes: int
     free_bytes: int
     backend: str         # ggml's backend (registry) name: "CPU", "CUDA", "Metal", "RPC", ...
     description: str     # "NVIDIA GeForce RTX 4090", "Apple M2 Max", ...
+    endpoint: str | None = None  # rpc: the worker's "host:port" ("hypothetical:N" for --worker-mem)
 
 
 @dataclass
@@ -48,7 +49,13 @@ class Hardware:
 
     @property
     def accelerators(self) -> list[Device]:
-        return [d for d in self.devices if d.kind != "cpu"]
+        """This machine's GPUs (RPC workers are not among them: see `workers`)."""
+        return [d for d in self.devices if d.kind not in ("cpu", "rpc")]
+
+    @property
+    def workers(self) -> list[Device]:
+        """RPC workers, in the order given (--rpc), each serving one device."""
+        return [d for d in self.devices if d.kind == "rpc"]
 
     @property
     def unified(self) -> bool:
@@ -61,7 +68,8 @@ class Hardware:
             "cpu_features": self.cpu_features, "backends": self.backends, "simulated": self.simulated,
             "source": self.source,
             "devices": [{"name": d.name, "kind": d.kind, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-                         "backend": d.backend, "description": d.description} for d in self.devices],
+                         "backend": d.backend, "description": d.description}
+                        | ({"endpoint": d.endpoint} if d.endpoint else {}) for d in self.devices],
         }
 
 
@@ -188,6 +196,27 @@ def simulated(gpu_mem: int | None = None, unified: int | None = None, ram: int |
         logical_cores=base.logical_cores if base and not cores else phys, cpu_features=list(feats),
         devices=devices, backends=backends, simulated=True, source="hypothetical: " + ", ".join(parts),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# RPC workers (llamalocal.rpc probes them; here they become devices)
+# ---------------------------------------------------------------------------------------------
+
+def with_workers(hw: Hardware, workers: list[Device]) -> Hardware:
+    """`hw` plus RPC workers (kind "rpc"): local devices first, the CPU, then the workers."""
+    if not workers:
+        return hw
+    names = ", ".join(f"{w.endpoint} ({w.name}, {w.free_bytes / GiB:.1f} GiB)" for w in workers)
+    backends = hw.backends if "RPC" in hw.backends else [*hw.backends, "RPC"]
+    return replace(hw, devices=[*hw.devices, *workers], backends=backends,
+                   source=f"{hw.source} + {len(workers)} RPC worker{'s' if len(workers) > 1 else ''}: {names}")
+
+
+def hypothetical_workers(sizes: list[int]) -> list[Device]:
+    """Workers that do not exist (plan --worker-mem): a CPU with this much memory free each."""
+    return [Device(name="CPU", kind="rpc", total_bytes=size, free_bytes=size, backend="RPC",
+                   description=f"hypothetical worker, {size / GiB:g} GiB", endpoint=f"hypothetical:{i}")
+            for i, size in enumerate(sizes, 1)]
 
 
 def _x86(ram_gb: int, gpu_gb: int | None = None, gpu_name: str | None = None, cores: int = 8) -> Hardware:

@@ -228,24 +228,26 @@ def perplexity_of(llm: Any, text: str | bytes, *, n_ctx: int = DEFAULT_CTX, chun
 
 def load_for_scoring(path: str | Path, *, n_ctx: int, n_gpu_layers: int | str = "auto",
                      threads: int | None = None, force: bool = False,
-                     log: Callable[[str], None] | None = None) -> Any:
+                     log: Callable[[str], None] | None = None, rpc: Any = None) -> Any:
     """Load a GGUF with a context of `n_ctx` (the runner plans placement). Batches of at most 512
     tokens, llama.cpp's default micro-batch: longer windows are decoded in pieces, as
     llama-perplexity does, rather than growing the compute buffer with the window."""
     from llamalocal.runner import load_model
 
     return load_model(path, n_ctx=n_ctx, n_batch=min(n_ctx, MAX_BATCH), n_gpu_layers=n_gpu_layers, threads=threads,
-                      force=force, verbose=False, log=log)
+                      force=force, verbose=False, log=log, rpc=rpc)
 
 
 def perplexity(path: str | Path, text: str | bytes, *, n_ctx: int = DEFAULT_CTX, chunks: int | None = None,
                n_gpu_layers: int | str = "auto", threads: int | None = None, force: bool = False,
-               progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> PerplexityResult:
+               progress: ProgressFn | None = None, log: Callable[[str], None] | None = None,
+               rpc: Any = None) -> PerplexityResult:
     """Load the GGUF at `path` and compute its perplexity on `text` (see `perplexity_of`).
 
-    `log` receives the runner's messages (the placement plan)."""
+    `log` receives the runner's messages (the placement plan); `rpc` spreads the layers over RPC
+    workers (llamalocal.rpc.RpcConfig), as for `load_model`."""
     loaded = load_for_scoring(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, force=force,
-                              log=log)
+                              log=log, rpc=rpc)
     try:
         return perplexity_of(loaded.llm, text, n_ctx=n_ctx, chunks=chunks, progress=progress)
     finally:

@@ -47,6 +47,9 @@ VOCAB_TOKEN_BYTES = 125
 VOCAB_MERGE_BYTES = 136
 # Per accelerator, kept free: driver allocations, fragmentation (Ollama keeps 457-512 MiB).
 GPU_MARGIN_BYTES = 512 * MiB
+# Per RPC worker, kept free of what it advertises (its free memory, measured when asked): the
+# graphs its ggml server deserializes, allocator fragmentation, the OS's own growth meanwhile.
+WORKER_MARGIN_BYTES = 256 * MiB
 
 # Disk read speeds for the paging estimate (sequential reads of a cold mmap).
 _NVME_BPS = 2e9
@@ -65,6 +68,9 @@ class DevicePlan:
     has_output: bool = False
     reclaimable_bytes: int = 0  # cpu: file pages of repacked weights, droppable under pressure
     start_bytes: int = 0    # cpu: resident after loading and the first ubatch of a prompt
+    endpoint: str | None = None  # rpc: the worker's host:port
+    first_layer: int | None = None  # split plans: the first repeating layer here (they are consecutive)
+    why: str = ""           # split plans: where the budget comes from and why these layers
 
     @property
     def need_bytes(self) -> int:
@@ -74,6 +80,23 @@ class DevicePlan:
     @property
     def fits(self) -> bool:
         return self.need_bytes <= self.budget_bytes
+
+
+@dataclass
+class Split:
+    """What llama.cpp is told for a plan across several devices (RPC workers, --tensor-split).
+
+    llama.cpp puts the first `n_layers + 1 - n_gpu_layers` layers on this machine's CPU and
+    spreads the rest over `devices` in order by `tensor_split`; the last of them gets the output
+    layer. llamalocal keeps that last device local: this machine's last GPU, or on a machine
+    without one the CPU itself as a split device (holding only the output layer, so the layers
+    before keep the CPU backend's repacked weights)."""
+
+    devices: list[str]          # llama.cpp's device list: "rpc:HOST:PORT", a local ggml device name, "CPU"
+    tensor_split: list[float]   # over `devices`: their layer counts (the last one's includes the output layer)
+    n_gpu_layers: int           # llama.cpp's count of layers off the CPU's front (output included)
+    counts: list[int]           # repeating layers per plan device, in the plan's order (this CPU first)
+    by: str                     # "budget" or "--tensor-split A,B,..."
 
 
 @dataclass
@@ -96,6 +119,7 @@ class Plan:
     n_ctx_train: int = 0
     n_batch: int = N_BATCH
     n_ubatch: int = N_BATCH
+    split: Split | None = None   # across RPC workers / --tensor-split: what llama.cpp is told
 
     @property
     def cpu(self) -> DevicePlan:
@@ -109,10 +133,13 @@ class Plan:
             "n_ctx": self.n_ctx, "n_ctx_train": self.n_ctx_train, "cache_type": self.cache_type,
             "use_mmap": self.use_mmap, "use_mlock": self.use_mlock, "requested": self.requested,
             "warnings": self.warnings, "errors": self.errors, "hardware": self.hardware_source,
+            "split": asdict(self.split) if self.split else None,
         }
 
     def describe(self) -> str:
         """What goes where and why, in a few lines (printed by plan, chat and serve)."""
+        if self.split is not None:
+            return self._describe_split()
         offl = self.n_gpu_layers
         if offl == 0:
             where = f"{self.n_layers} layers on CPU"
@@ -132,6 +159,46 @@ class Plan:
                      f"mmap {'on' if self.use_mmap else 'off'}, mlock {'on' if self.use_mlock else 'off'}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+    def _describe_split(self) -> str:
+        s = self.split
+        assert s is not None
+        lines = [f"{self.model_name}: {self.n_layers} layers over {len(self.devices)} devices [{self.fits}] — "
+                 f"{self.reason}"]
+        for d in self.devices:
+            if not d.n_layers or d.first_layer is None:
+                span = "no layers"
+            elif d.n_layers == 1:
+                span = f"layer {d.first_layer}"
+            else:
+                span = f"layers {d.first_layer}-{d.first_layer + d.n_layers - 1}"
+            if d.has_output:
+                span = "the output layer" if span == "no layers" else span + " + output"
+            body = (f"{span}: weights {_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute "
+                    f"{_gib(d.compute_bytes)}")
+            if d.kind == "cpu":
+                body += f" -> process ~{_gib(d.start_bytes)} at start, ~{_gib(d.total_bytes)} with the context full"
+                if d.reclaimable_bytes:
+                    body += f" ({_gib(d.reclaimable_bytes)} of it droppable page cache)"
+                body += f"; {_gib(d.budget_bytes)} RAM available"
+            else:
+                body += f" = {_gib(d.total_bytes)} of {_gib(d.budget_bytes)} budget"
+            lines.append(f"  {_device_label(d)}: {body}{'' if d.fits else '  DOES NOT FIT'}")
+            if d.why:
+                lines.append(f"    ({d.why})")
+        lines.append(f"  ctx {self.n_ctx}, KV cache {self.cache_type}, {self.threads} threads, "
+                     f"mmap {'on' if self.use_mmap else 'off'}, mlock {'on' if self.use_mlock else 'off'}; "
+                     f"llama.cpp: n_gpu_layers {self.n_gpu_layers}, devices {', '.join(s.devices)}, "
+                     f"tensor_split {','.join(f'{x:g}' for x in s.tensor_split)}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _device_label(d: DevicePlan) -> str:
+    if d.kind == "rpc":
+        return f"worker {d.endpoint}"
+    return "this machine's CPU" if d.kind == "cpu" else f"this machine's {d.name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,13 +337,27 @@ def _assign(n_layers: int, k: int, accels: list[Device]) -> list[int]:
 def _layout(model: ModelDesc, hw: Hardware, k: int, n_ctx: int, cache_type: str, n_ubatch: int,
             mlock: bool) -> list[DevicePlan]:
     accels = hw.accelerators
-    where = _assign(model.n_layers, k, accels)
+    return _place(model, hw, _assign(model.n_layers, k, accels), accels, n_ctx, cache_type, n_ubatch, mlock)
+
+
+def _budget(d: Device) -> int:
+    margin = WORKER_MARGIN_BYTES if d.kind == "rpc" else GPU_MARGIN_BYTES
+    return max(d.free_bytes - margin, 0)
+
+
+def _place(model: ModelDesc, hw: Hardware, where: list[int], targets: list[Device], n_ctx: int,
+           cache_type: str, n_ubatch: int, mlock: bool, *, output_repack: bool = True) -> list[DevicePlan]:
+    """Memory per device for a placement: `where[il]` (il = 0..n_layers, n_layers = the output
+    layer) is an index into `targets` (accelerators, RPC workers) or -1 for this machine's CPU.
+    `output_repack`: whether an output layer on the CPU goes through the CPU backend's repacking
+    (not when the CPU is one of llama.cpp's split devices: those layers get its plain buffer)."""
+    accels = targets
     kv_layer = kv_bytes_per_layer(model, n_ctx, cache_type)
     flash_attn = settings.cache_type(cache_type).needs_flash_attn
     compute = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     rtypes = repack_types(hw.cpu_features)
 
-    plans = [DevicePlan(d.name, d.kind, 0, 0, 0, 0, 0, max(d.free_bytes - GPU_MARGIN_BYTES, 0)) for d in accels]
+    plans = [DevicePlan(d.name, d.kind, 0, 0, 0, 0, 0, _budget(d), endpoint=d.endpoint) for d in accels]
     cpu_layers = cpu_weights = cpu_kv = repack = 0
     cpu_output = False
     for il, j in enumerate(where):
@@ -288,7 +369,7 @@ def _layout(model: ModelDesc, hw: Hardware, k: int, n_ctx: int, cache_type: str,
             cpu_kv += kv
             if is_output:
                 cpu_output = True
-                if model.output_type in rtypes:
+                if output_repack and model.output_type in rtypes:
                     repack += model.output_bytes
             else:
                 cpu_layers += 1
@@ -349,7 +430,7 @@ def default_ctx(model: ModelDesc) -> int:
 
 def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_layers: int | str = "auto",
          cache_type: str = "f16", threads: int | None = None, mlock: bool = False, n_batch: int = N_BATCH,
-         n_ubatch: int = N_BATCH) -> Plan:
+         n_ubatch: int = N_BATCH, tensor_split: list[float] | None = None) -> Plan:
     """Plan where `model` goes on `hw`.
 
     Args:
@@ -361,10 +442,17 @@ def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_laye
         cache_type: KV cache type ("f16", "q8_0", ...).
         threads: default the physical cores.
         mlock: lock the weights in RAM (nothing can be paged out or dropped).
+        tensor_split: proportions of the repeating layers over the devices of a split plan, in
+            its order (see `_plan_split`). A split plan is made when `hw` has RPC workers or
+            this is given; `n_gpu_layers` must then be "auto".
 
     Returns:
         The Plan. Problems that must stop a load without --force are in `plan.errors`;
         `check(plan, force)` raises them.
+
+    Raises:
+        PlanError: options that contradict each other (a --tensor-split of the wrong length,
+            --n-gpu-layers with a split).
     """
     n_ctx = n_ctx or default_ctx(model)
     full = model.n_layers + 1
@@ -375,6 +463,23 @@ def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_laye
     if model.n_ctx_train and n_ctx > model.n_ctx_train:
         errors.append(f"--ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.name} was trained "
                       f"on; quality collapses past it. Use --ctx {model.n_ctx_train} or less")
+
+    if hw.workers or tensor_split is not None:
+        split, devices, fits, reason = _plan_split(model, hw, n_ctx=n_ctx, cache_type=cache_type, n_ubatch=n_ubatch,
+                                                   mlock=mlock, tensor_split=tensor_split,
+                                                   n_gpu_layers=n_gpu_layers, errors=errors)
+        cpu = next(d for d in devices if d.kind == "cpu")
+        if not cpu.fits and mlock:
+            errors.append(f"--mlock needs {_gib(cpu.need_bytes)} locked in RAM but {_gib(cpu.budget_bytes)} is available")
+        if fits == "no":
+            warnings.append(reason)
+        return Plan(
+            model_name=model.name, n_layers=model.n_layers, n_gpu_layers=split.n_gpu_layers,
+            threads=threads or hw.physical_cores, fits=fits, reason=reason, devices=devices, n_ctx=n_ctx,
+            cache_type=cache_type, use_mmap=True, use_mlock=mlock, requested=n_gpu_layers, warnings=warnings,
+            errors=errors, hardware_source=hw.source, n_ctx_train=model.n_ctx_train, n_batch=n_batch,
+            n_ubatch=n_ubatch, split=split,
+        )
 
     def layout(k: int) -> list[DevicePlan]:
         return _layout(model, hw, k, n_ctx, cache_type, n_ubatch, mlock)
@@ -425,6 +530,173 @@ def plan(model: ModelDesc, hw: Hardware, *, n_ctx: int | None = None, n_gpu_laye
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# the split: RPC workers and --tensor-split
+# ---------------------------------------------------------------------------------------------
+
+def proportional_counts(n: int, proportions: list[float]) -> list[int]:
+    """Layers per device for proportions, by llama.cpp's own rule (llama_model::load_tensors):
+    layer t of n goes to the first device whose cumulative share exceeds t / n."""
+    total = float(sum(proportions))
+    cuts, acc = [], 0.0
+    for x in proportions:
+        acc += x
+        cuts.append(acc / total)
+    counts = [0] * len(proportions)
+    for t in range(n):
+        counts[next((j for j, c in enumerate(cuts) if c > t / n), len(cuts) - 1)] += 1
+    return counts
+
+
+def _largest_remainder(n: int, weights: list[int], caps: list[int]) -> list[int]:
+    """n split in proportion to `weights` (whole numbers summing to at least n), none above its cap."""
+    total = sum(weights)
+    shares = [n * w / total for w in weights]
+    counts = [min(int(x), c) for x, c in zip(shares, caps, strict=True)]
+    order = sorted(range(len(weights)), key=lambda j: shares[j] - int(shares[j]), reverse=True)
+    while sum(counts) < n:
+        for j in order:
+            if sum(counts) < n and counts[j] < caps[j]:
+                counts[j] += 1
+    return counts
+
+
+def _plan_split(model: ModelDesc, hw: Hardware, *, n_ctx: int, cache_type: str, n_ubatch: int, mlock: bool,
+                tensor_split: list[float] | None, n_gpu_layers: int | str,
+                errors: list[str]) -> tuple[Split, list[DevicePlan], str, str]:
+    """A plan across this machine's CPU, its RPC workers and its GPUs.
+
+    The plan's devices, in layer order: this machine's CPU (the first layers, where llama.cpp's
+    CPU layers always are, and the token embeddings), each worker in --rpc order, then this
+    machine's GPUs; the output layer stays on this machine (the last GPU, else the CPU), as do
+    the logits computed from it. Repeating layers go by `tensor_split` (llama.cpp's meaning:
+    proportions over these devices, in this order) or, by default, in proportion to how many
+    layers each device's budget holds, so every device ends up equally full. Every device is
+    then checked against its budget: a worker that cannot hold its share is an error (refused
+    unless forced), caught here rather than by an allocation failure on the worker.
+    """
+    n = model.n_layers
+    workers, accels = hw.workers, hw.accelerators
+    remote = workers + accels                       # llama.cpp's device order: workers first, as it orders them
+    out_j = len(remote) - 1 if accels else -1       # the output layer: the last local GPU, else the CPU
+    cpu_dev = next(d for d in hw.devices if d.kind == "cpu")
+    order = [cpu_dev, *remote]                      # the plan's order; tensor_split is over these
+
+    if n_gpu_layers != "auto":
+        raise PlanError(f"--n-gpu-layers {n_gpu_layers} cannot be combined with RPC workers or --tensor-split: "
+                        "the split decides where layers go (by budget, or --tensor-split A,B,... over "
+                        f"{', '.join(_order_label(d) for d in order)})")
+    if tensor_split is not None:
+        if len(tensor_split) != len(order):
+            raise PlanError(f"--tensor-split has {len(tensor_split)} values but the plan has {len(order)} devices "
+                            f"({', '.join(_order_label(d) for d in order)}): give one proportion per device, "
+                            "in that order")
+        if any(x < 0 for x in tensor_split) or sum(tensor_split) <= 0:
+            raise PlanError(f"--tensor-split {','.join(f'{x:g}' for x in tensor_split)}: proportions must be 0 or "
+                            "more, and not all 0")
+
+    def where(counts: list[int]) -> list[int]:
+        w: list[int] = []
+        for j, c in enumerate(counts):
+            w += [j - 1] * c                        # plan device 0 is the CPU (-1), then remote[j - 1]
+        return w + [out_j]
+
+    def layout(counts: list[int]) -> list[DevicePlan]:
+        # an output layer on the CPU is in the CPU split device's plain buffer: not repacked
+        return _place(model, hw, where(counts), remote, n_ctx, cache_type, n_ubatch, mlock, output_repack=False)
+
+    def fits_at(j: int, c: int) -> bool:
+        counts = [0] * len(order)
+        counts[j] = c
+        counts[1 if j == 0 else 0] += n - c          # the rest elsewhere: a device's fit depends on its own layers
+        plans = layout(counts)
+        dev = plans[-1] if j == 0 else plans[j - 1]  # _place lists remote devices, then the CPU
+        return dev.fits
+
+    def capacity(j: int) -> int:
+        lo, hi = 0, n                                # fitting is monotone in the layers a device holds
+        if not fits_at(j, 0):
+            return 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits_at(j, mid) else (lo, mid - 1)
+        return lo
+
+    caps = [capacity(j) for j in range(len(order))] if len(order) > 1 else [n]
+    if tensor_split is not None:
+        counts = proportional_counts(n, tensor_split)
+        by = "--tensor-split " + ",".join(f"{x:g}" for x in tensor_split)
+    elif sum(caps) >= n:
+        counts = _largest_remainder(n, caps, caps)
+        by = "budget"
+    else:                                            # not enough anywhere: fill the others, the CPU pages the rest
+        counts = [0] + caps[1:]
+        counts[0] = n - sum(counts)
+        by = "budget"
+    plans = layout(counts)
+    if tensor_split is None:                         # layers are not all the same size: settle the edges
+        for _ in range(n):
+            over = next((j for j in range(1, len(order)) if not plans[j - 1].fits and counts[j] > 0), None)
+            if over is None:
+                break
+            slack = [j for j in range(len(order)) if j != over and counts[j] < caps[j]] or [0]
+            counts[over] -= 1
+            counts[slack[0]] += 1
+            plans = layout(counts)
+
+    devices = [plans[-1], *plans[:-1]]               # the plan's order: the CPU first
+    first = 0
+    for j, (d, c) in enumerate(zip(devices, counts, strict=True)):
+        d.first_layer = first if c else None
+        first += c
+        d.why = _why(order[j], d, c, caps[j], by, j == 0)
+        if j and not d.fits:
+            errors.append(
+                f"{_device_label(d)} cannot hold its {c} layers: it needs {_gib(d.total_bytes)} (weights "
+                f"{_gib(d.weights_bytes)} + KV {_gib(d.kv_bytes)} + compute {_gib(d.compute_bytes)}) but its "
+                f"budget is {_gib(d.budget_bytes)}; at most {caps[j]} layers fit there"
+                + ("" if tensor_split is None else "; change --tensor-split"))
+
+    llama_devices: list[str] = []
+    shares: list[float] = []
+    for j, dev in enumerate(remote, 1):
+        has_output = j - 1 == out_j
+        if counts[j] or has_output:                  # a device with nothing is not given to llama.cpp at all
+            llama_devices.append(f"rpc:{dev.endpoint}" if dev.kind == "rpc" else dev.name)
+            shares.append(counts[j] + (1 if has_output else 0))
+    if out_j < 0:
+        llama_devices.append("CPU")
+        shares.append(1)
+    split = Split(devices=llama_devices, tensor_split=shares, n_gpu_layers=n + 1 - counts[0], counts=counts, by=by)
+
+    cpu = devices[0]
+    if not cpu.fits:
+        return split, devices, "no", _paging_reason(cpu)
+    on_workers = sum(counts[1:len(workers) + 1])
+    fits = "rpc" if on_workers else ("gpu" if counts[0] == 0 else "partial")
+    spread = ", ".join(f"{_device_label(d)} {c}" for d, c in zip(devices, counts, strict=True))
+    what = ("split by budget, each device equally full" if by == "budget" else f"{by} as asked")
+    return split, devices, fits, f"{what}: {spread} of {n} layers; the output layer and logits stay on this machine"
+
+
+def _order_label(d: Device) -> str:
+    return f"worker {d.endpoint}" if d.kind == "rpc" else ("this machine's CPU" if d.kind == "cpu" else d.name)
+
+
+def _why(dev: Device, d: DevicePlan, count: int, cap: int, by: str, is_cpu: bool) -> str:
+    share = "its share by budget" if by == "budget" else f"its share of {by}"
+    if is_cpu:
+        where = "the token embeddings" + (f", the first {count} layers (repacked where the CPU backend can)"
+                                          if count else "")
+        out = ", the output layer (logits stay here)" if d.has_output else ""
+        return f"{where}{out}; budget: the RAM available; holds up to {cap} layers; {share}"
+    if dev.kind == "rpc":
+        return (f"{dev.description}: advertises {_gib(dev.free_bytes)} free, budget {WORKER_MARGIN_BYTES // MiB} "
+                f"MiB less; holds up to {cap} layers; {share}")
+    return (f"{dev.description}: {_gib(dev.free_bytes)} free, budget {GPU_MARGIN_BYTES // MiB} MiB less; holds up "
+            f"to {cap} layers; {share}" + ("; the output layer, as the last local device" if d.has_output else ""))
+
+
 def _max_fitting(model: ModelDesc, hw: Hardware, layout, full: int) -> int:
     return next((k for k in range(full, -1, -1)
                  if all(d.fits for d in layout(k) if d.kind != "cpu")), 0)
@@ -435,12 +707,7 @@ def _classify(model: ModelDesc, hw: Hardware, devices: list[DevicePlan], k: int,
     cpu = next(d for d in devices if d.kind == "cpu")
     gpus = [d for d in devices if d.kind != "cpu"]
     if not cpu.fits:
-        short = cpu.total_bytes - cpu.budget_bytes
-        per_token = short / _NVME_BPS
-        return "no", (
-            f"does not fit in RAM: the CPU side needs {_gib(cpu.total_bytes)} but {_gib(cpu.budget_bytes)} is available "
-            f"(short by {_gib(short)}); the model will page from disk through mmap, re-reading about "
-            f"{_gib(short)} per token — at ~2 GB/s (NVMe) that is {per_token:.1f} s per token or worse")
+        return "no", _paging_reason(cpu)
     if not gpus:
         return "cpu", f"CPU only: no GPU backend in this build ({', '.join(hw.backends)}); fits in RAM"
     if k == full:
@@ -459,6 +726,14 @@ def _classify(model: ModelDesc, hw: Hardware, devices: list[DevicePlan], k: int,
     if requested != "auto":
         return label, f"--n-gpu-layers {requested} as asked" + limit
     return label, f"limited by {what}: {k} of {full} layers fit" + limit
+
+
+def _paging_reason(cpu: DevicePlan) -> str:
+    short = cpu.need_bytes - cpu.budget_bytes
+    per_token = short / _NVME_BPS
+    return (f"does not fit in RAM: the CPU side needs {_gib(cpu.need_bytes)} but {_gib(cpu.budget_bytes)} is available "
+            f"(short by {_gib(short)}); the model will page from disk through mmap, re-reading about "
+            f"{_gib(short)} per token — at ~2 GB/s (NVMe) that is {per_token:.1f} s per token or worse")
 
 
 def check(p: Plan, force: bool = False) -> Plan:

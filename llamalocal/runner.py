@@ -3,10 +3,12 @@
 CONTRACT (other modules rely on this):
 
     load_model(path, *, n_ctx=None, n_gpu_layers="auto", threads=None, force=False,
-               logits_all=False, cache_type="f16", mlock=False, seed=-1, n_batch=512,
-               hardware=None, verbose=False, log=None) -> LoadedModel
+               logits_all=False, cache_type="f16", mlock=False, seed=-1, n_batch=N_BATCH,
+               hardware=None, verbose=False, log=None, rpc=None) -> LoadedModel
 
-LoadedModel has `.llm` (llama_cpp.Llama), `.plan` (llamalocal.planner.Plan or None) and `.path`.
+LoadedModel has `.llm` (llama_cpp.Llama), `.plan` (llamalocal.planner.Plan or None) and `.path`;
+`.close()` frees the model (unless an RPC worker was lost: then nothing may touch it).
+`rpc` (llamalocal.rpc.RpcConfig) spreads the layers over RPC workers as the plan splits them.
 Raises llamalocal.errors.GGUFError / PlanError / ModelNotFoundError / BadInputError for user
 mistakes. `log` receives the human messages (the plan, retries); the CLI sends them to stderr.
 
@@ -38,6 +40,15 @@ class LoadedModel:
     path: Path
     n_gpu_layers: int = 0  # what was actually loaded (may be below the plan after a failed allocation)
     desc: Any = None  # llamalocal.model_desc.ModelDesc
+    rpc: Any = None  # llamalocal.rpc.RpcSession, when workers hold layers
+    devices: Any = None  # the native.DeviceList llama.cpp was given, kept with the model
+
+    def close(self) -> None:
+        """Free the model. After a lost worker, leave it: freeing it would wait on that worker
+        for ever (ggml's RPC calls have no timeout), and the process is about to end anyway."""
+        if self.rpc is not None and self.rpc.lost:
+            return
+        self.llm.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,9 +72,9 @@ def _fewer_layers(n: int) -> int:
 
 def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int | str = "auto",
                threads: int | None = None, force: bool = False, logits_all: bool = False,
-               cache_type: str = "f16", mlock: bool = False, seed: int = -1, n_batch: int = 512,
+               cache_type: str = "f16", mlock: bool = False, seed: int = -1, n_batch: int = settings.N_BATCH,
                hardware: Any = None, verbose: bool = False,
-               log: Callable[[str], None] | None = None) -> LoadedModel:
+               log: Callable[[str], None] | None = None, rpc: Any = None) -> LoadedModel:
     """Plan the placement of a GGUF on this machine and load it.
 
     Args:
@@ -75,6 +86,8 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
         cache_type: KV cache element type, "f16" or "q8_0" (q8_0 halves the KV memory).
         hardware: a `llamalocal.hardware` description to plan for; None detects this machine.
         log: receives the plan and any retry as text (nothing is printed by this function).
+        rpc: a `llamalocal.rpc.RpcConfig`: RPC workers (probed for their memory first) and/or a
+            --tensor-split; the plan then splits the layers and is loaded exactly as planned.
 
     Returns:
         LoadedModel with the llama_cpp.Llama, the Plan used and the layers actually offloaded.
@@ -84,6 +97,7 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
         BadInputError: a context beyond the model's, an unknown cache type.
         PlanError: the requested placement does not fit and `force` is off, or an explicit
             --n-gpu-layers failed to allocate (auto steps down instead, and says so).
+        llamalocal.rpc.RPCError / RPCAuthError: a worker that cannot be reached or used.
     """
     from llamalocal import hardware as hw_mod
     from llamalocal import planner
@@ -96,12 +110,23 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
     ctx = resolve_ctx(n_ctx, desc.n_ctx_train)
 
     hw = hardware if hardware is not None else hw_mod.detect()
+    session = None
+    if rpc is not None:
+        from llamalocal.rpc import RpcSession
+
+        session = RpcSession(rpc, log=say)
+        hw = hw_mod.with_workers(hw, session.probe())  # each worker's device and free memory, asked now
     plan = planner.plan(desc, hw, n_ctx=ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type,
-                        threads=threads, mlock=mlock, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch))
+                        threads=threads, mlock=mlock, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch),
+                        tensor_split=rpc.tensor_split if rpc is not None else None)
     planner.check(plan, force)  # refuses with the numbers, before anything is loaded
     say(plan.describe())
     for problem in plan.errors:  # only left when forced
         say(f"warning: {problem}; going ahead because of --force")
+    if plan.split is not None:
+        assert session is not None
+        return _load_split(p, plan, session, desc, ctx=ctx, logits_all=logits_all, type_kv=int(kv.ggml_type),
+                           flash_attn=kv.needs_flash_attn, mlock=mlock, seed=seed, n_batch=n_batch, verbose=verbose)
 
     explicit = n_gpu_layers != "auto"  # a number or "all": honoured exactly, never quietly reduced
     layers = int(plan.n_gpu_layers)
@@ -129,17 +154,37 @@ def load_model(path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int 
     return LoadedModel(llm=llm, plan=plan, path=p, n_gpu_layers=layers, desc=desc)
 
 
+def _load_split(path: Path, plan: Any, session: Any, desc: Any, *, ctx: int, logits_all: bool, type_kv: int,
+                flash_attn: bool, mlock: bool, seed: int, n_batch: int, verbose: bool) -> LoadedModel:
+    """Load as a split plan says: its devices in llama_model_params.devices, its tensor_split, no
+    retries (the workers' memory was checked by the plan; a failure here is reported as it is)."""
+    split = plan.split
+    devices = session.ggml_devices(split.devices)
+    try:
+        llm = _open(path, ctx=ctx, n_gpu_layers=split.n_gpu_layers, threads=plan.threads, logits_all=logits_all,
+                    type_kv=type_kv, flash_attn=flash_attn, mlock=mlock, seed=seed, n_batch=n_batch,
+                    verbose=verbose, devices=devices, tensor_split=split.tensor_split)
+    except ValueError as e:
+        raise GGUFError(f"llama.cpp could not load {path} across {', '.join(split.devices)} ({e}); the plan "
+                        "above is what it was asked for: check each worker's memory with `llamalocal plan --rpc`, "
+                        "or try a smaller --ctx") from e
+    return LoadedModel(llm=llm, plan=plan, path=path, n_gpu_layers=split.n_gpu_layers, desc=desc, rpc=session,
+                       devices=devices)
+
+
 def _open(path: Path, *, ctx: int, n_gpu_layers: int, threads: int | None, logits_all: bool, type_kv: int,
-          flash_attn: bool, mlock: bool, seed: int, n_batch: int, verbose: bool) -> Any:
+          flash_attn: bool, mlock: bool, seed: int, n_batch: int, verbose: bool, devices: Any = None,
+          tensor_split: list[float] | None = None) -> Any:
     import llama_cpp
 
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch), n_gpu_layers=n_gpu_layers,
-        n_threads=threads, n_threads_batch=threads, logits_all=logits_all, use_mlock=mlock,
-        # a quantized V cache needs flash attention in llama.cpp
-        type_k=type_kv, type_v=type_kv, flash_attn=flash_attn,
-        seed=seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED, verbose=verbose,
-    )
+    with native.model_devices(devices):  # llama_model_params.devices: llama-cpp-python cannot set it
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=ctx, n_batch=n_batch, n_ubatch=settings.ubatch(n_batch), n_gpu_layers=n_gpu_layers,
+            n_threads=threads, n_threads_batch=threads, logits_all=logits_all, use_mlock=mlock,
+            # a quantized V cache needs flash attention in llama.cpp
+            type_k=type_kv, type_v=type_kv, flash_attn=flash_attn, tensor_split=tensor_split,
+            seed=seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED, verbose=verbose,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

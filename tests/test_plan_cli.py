@@ -127,5 +127,7 @@ def test_doctor(runner):
 def test_reinstall_command():
     from llamalocal.cli.plan_cmd import reinstall_command
 
+    # the cached wheel goes first (pip would reuse it whatever CMAKE_ARGS says), and RPC is always on
     assert reinstall_command("-DGGML_CUDA=on") == (
-        'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36')
+        'pip cache remove llama_cpp_python; CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on" pip install '
+        '--force-reinstall --no-deps llama-cpp-python==0.3.36')

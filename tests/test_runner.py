@@ -214,6 +214,7 @@ class _FakePlan:
     n_gpu_layers: int
     threads: int = 1
     errors: list[str] = field(default_factory=list)
+    split: None = None  # not across RPC workers
 
     def describe(self) -> str:
         return f"fake plan: {self.n_gpu_layers} layers on the GPU"

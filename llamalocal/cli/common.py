@@ -100,3 +100,58 @@ def cache_type_option(f: Callable) -> Callable:
     return click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
                         help="KV cache element type; q8_0 halves its memory at a small cost in quality, "
                              "q4_0 quarters it.")(f)
+class TensorSplitType(click.ParamType):
+    """--tensor-split A,B,...: proportions, 0 or more each, not all 0."""
+
+    name = "A,B,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            parts = [float(x) for x in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a list of numbers like 1,1,1 or 3,1", param, ctx)
+        if any(x < 0 or x != x for x in parts) or sum(parts) <= 0:
+            self.fail("proportions must be 0 or more, and not all 0", param, ctx)
+        return parts
+
+
+TENSOR_SPLIT = TensorSplitType()
+
+
+def rpc_options(f: Callable) -> Callable:
+    """--rpc, --rpc-key-file, --tensor-split: layers across `llamalocal worker`s on other machines."""
+    for opt in reversed([
+        click.option("--rpc", "rpc_endpoints", metavar="HOST:PORT[,...]", default=None,
+                     help="Also place layers on these `llamalocal worker`s (llama.cpp's RPC backend), split by "
+                          "each device's memory unless --tensor-split says otherwise; the output layer stays here."),
+        click.option("--rpc-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     envvar="LLAMALOCAL_RPC_KEY_FILE", show_envvar=True,
+                     help="The workers' pre-shared key (the file they were started with --key-file). Proves "
+                          "both sides to each other; the traffic is authenticated, not encrypted."),
+        click.option("--tensor-split", type=TENSOR_SPLIT, default=None,
+                     help="llama.cpp's proportions of the layers over the devices, in the order `plan` lists "
+                          "them (this machine's CPU first, then each --rpc worker, then local GPUs), e.g. 1,1,1."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def rpc_config(rpc_endpoints: str | None, rpc_key_file: Path | None, tensor_split: list[float] | None,
+               *, warn: Callable[[str], None] | None = None) -> Any:
+    """An llamalocal.rpc.RpcConfig from the options, or None when none are given. The key file
+    is read only when there are workers to use it with ($LLAMALOCAL_RPC_KEY_FILE may be set
+    for good)."""
+    if rpc_endpoints is None and tensor_split is None:
+        return None
+    from llamalocal import rpc
+
+    endpoints = rpc.parse_endpoints(rpc_endpoints) if rpc_endpoints is not None else []
+    key = None
+    if endpoints and rpc_key_file is not None:
+        key = rpc.read_key(rpc_key_file)
+        problem = rpc.key_file_warning(rpc_key_file)
+        if problem and warn is not None:
+            warn(f"warning: {problem}")
+    return rpc.RpcConfig(endpoints=endpoints, key=key, tensor_split=tensor_split)

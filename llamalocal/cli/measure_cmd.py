@@ -19,6 +19,8 @@ from llamalocal.cli.common import (
     gpu_layers_option,
     json_option,
     models_dir_option,
+    rpc_config,
+    rpc_options,
     threads_option,
 )
 from llamalocal.errors import BadInputError, LlamalocalError
@@ -76,11 +78,13 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
 @_chunks_option
 @threads_option
 @gpu_layers_option
+@rpc_options
 @force_option
 @models_dir_option
 @json_option
 def perplexity(model: str | None, text_file: Path, n_ctx: int, chunks: int | None, threads: int | None,
-               n_gpu_layers: int | str, force: bool, models_dir: Path | None, as_json: bool) -> None:
+               n_gpu_layers: int | str, rpc_endpoints: str | None, rpc_key_file: Path | None,
+               tensor_split: list[float] | None, force: bool, models_dir: Path | None, as_json: bool) -> None:
     """Perplexity of MODEL on a text, as llama.cpp's llama-perplexity computes it.
 
     The text is cut into --ctx-token windows; each is decoded from scratch (first token replaced
@@ -95,7 +99,8 @@ def perplexity(model: str | None, text_file: Path, n_ctx: int, chunks: int | Non
     text = read_text(text_file)
     with _Bar("perplexity") as bar:
         result = run_perplexity(path, text, n_ctx=n_ctx, chunks=chunks, n_gpu_layers=n_gpu_layers,
-                                threads=threads, force=force, progress=bar.update_ppl, log=_err)
+                                threads=threads, force=force, progress=bar.update_ppl, log=_err,
+                                rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=_err))
     if as_json:
         _print_json({"model": str(path), **result.to_json()})
         return
@@ -266,11 +271,13 @@ def draw_plot(result: Any, plot_file: Path) -> None:
               help="Timed runs per test, after one warm-up.")
 @click.option("--bandwidth-mib", type=click.IntRange(min=0), default=512, show_default=True,
               help="Size of each buffer of the memory-copy bandwidth measurement; 0 skips it.")
+@rpc_options
 @force_option
 @models_dir_option
 @json_option
 def bench(model: str | None, threads: int | None, n_gpu_layers: int | str, n_prompt: int, n_gen: int,
-          repetitions: int, bandwidth_mib: int, force: bool, models_dir: Path | None, as_json: bool) -> None:
+          repetitions: int, bandwidth_mib: int, rpc_endpoints: str | None, rpc_key_file: Path | None,
+          tensor_split: list[float] | None, force: bool, models_dir: Path | None, as_json: bool) -> None:
     """Prompt processing and generation speed of MODEL, as llama-bench measures them.
 
     pp: a batch of random tokens; tg: one token at a time. Mean ± sd over repetitions, plus the
@@ -282,7 +289,8 @@ def bench(model: str | None, threads: int | None, n_gpu_layers: int | str, n_pro
 
     path = resolve_gguf(model, models_dir)
     result = run_bench(path, threads=threads, n_gpu_layers=n_gpu_layers, n_prompt=n_prompt, n_gen=n_gen,
-                       repetitions=repetitions, bandwidth_mib=bandwidth_mib, force=force, progress=_err, log=_err)
+                       repetitions=repetitions, bandwidth_mib=bandwidth_mib, force=force, progress=_err, log=_err,
+                       rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=_err))
     if as_json:
         _print_json({"model": str(path), **result.to_json()})
         return

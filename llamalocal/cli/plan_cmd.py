@@ -18,10 +18,14 @@ from llamalocal.cli.common import (
     gpu_layers_option,
     json_option,
     models_dir_option,
+    rpc_config,
+    rpc_options,
     threads_option,
 )
 from llamalocal.convert.native import PINNED_LLAMA_CPP_PYTHON
 from llamalocal.units import gb
+
+RPC_CMAKE_ARGS = "-DGGML_RPC=on"  # what every install of llamalocal builds llama.cpp with (see README)
 
 
 def hypothetical_options(f):
@@ -55,24 +59,36 @@ def _hardware(gpu_mem: int | None, unified: int | None, ram: int | None):
 @cache_type_option
 @click.option("--mlock", is_flag=True, help="Plan for locking the weights in RAM.")
 @hypothetical_options
+@rpc_options
+@click.option("--worker-mem", type=SIZE, multiple=True,
+              help="Plan with a hypothetical RPC worker with this much memory free (repeatable): would it fit?")
 @force_option
 @models_dir_option
 @json_option
-def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unified, ram, force, models_dir,
-         as_json):
+def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unified, ram, rpc_endpoints, rpc_key_file,
+         tensor_split, worker_mem, force, models_dir, as_json):
     """Show where MODEL would go (GPU layers, memory per device) and why, without loading it.
 
     MODEL is a .gguf file, a directory, or a name under the models directory; omitted, the
-    newest GGUF there.
+    newest GGUF there. With --rpc, each worker is asked for its device and free memory first,
+    and the plan shows what each device (this machine's and each worker's) would hold.
     """
-    from llamalocal import planner
+    from llamalocal import hardware, planner
     from llamalocal.model_desc import read_model_desc
     from llamalocal.paths import resolve_gguf
 
     desc = read_model_desc(resolve_gguf(model, models_dir))
     hw = _hardware(gpu_mem, unified, ram)
+    cfg = rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=lambda msg: click.echo(msg, err=True))
+    workers = hardware.hypothetical_workers(list(worker_mem))
+    if cfg is not None and cfg.endpoints:
+        from llamalocal.rpc import RpcSession
+
+        session = RpcSession(cfg, log=lambda msg: click.echo(msg, err=True))
+        workers = session.probe(refuse_busy=False) + workers  # real ones first, in --rpc order
+    hw = hardware.with_workers(hw, workers)
     p = planner.plan(desc, hw, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, cache_type=cache_type, threads=threads,
-                     mlock=mlock)
+                     mlock=mlock, tensor_split=cfg.tensor_split if cfg is not None else None)
     planner.check(p, force)
     if as_json:
         click.echo(json.dumps(p.to_json(), indent=2))
@@ -145,13 +161,19 @@ def gpu_hint() -> tuple[str, str] | None:
 
 
 def reinstall_command(cmake_args: str) -> str:
-    return f'CMAKE_ARGS="{cmake_args}" pip install --force-reinstall --no-cache-dir llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}'
+    """The reinstall that really rebuilds: pip would otherwise reuse the wheel it cached from the
+    last build, whatever CMAKE_ARGS says. RPC is always on (llamalocal's standard build)."""
+    if RPC_CMAKE_ARGS not in cmake_args:
+        cmake_args = f"{cmake_args} {RPC_CMAKE_ARGS}".strip()
+    return (f'pip cache remove llama_cpp_python; CMAKE_ARGS="{cmake_args}" pip install --force-reinstall '
+            f"--no-deps llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}")
 
 
 @click.command()
 @json_option
 def doctor(as_json):
-    """Which backends this llama-cpp-python build has, the devices it sees, and how to fix a missing GPU."""
+    """Which backends this llama-cpp-python build has (RPC included), the devices it sees, and the
+    reinstall command when a GPU or RPC is missing."""
     from llamalocal import hardware
 
     hw = hardware.detect()
@@ -159,11 +181,14 @@ def doctor(as_json):
     known = ["CPU", "Metal", "CUDA", "Vulkan", "HIP", "SYCL", "RPC"]
     have = {b.lower() for b in hw.backends}
     fix = None
-    if hint and hint[0].lower() not in have:
-        fix = reinstall_command(hint[1])
+    missing_gpu = bool(hint) and hint[0].lower() not in have  # type: ignore[index]
+    missing_rpc = "rpc" not in have
+    if missing_gpu or missing_rpc:
+        gpu_args = hint[1] if hint else ""
+        fix = reinstall_command(gpu_args)
     if as_json:
         click.echo(json.dumps(hw.to_json() | {
-            "backend_support": {b: b.lower() in have for b in known},
+            "backend_support": {b: b.lower() in have for b in known}, "rpc": not missing_rpc,
             "gpu_detected": hint[0] if hint else None, "reinstall": fix}, indent=2))
         return
     click.echo("backends in this build: " + "  ".join(f"{b} {'yes' if b.lower() in have else 'no'}" for b in known))
@@ -173,11 +198,18 @@ def doctor(as_json):
     for d in hw.devices:
         click.echo(f"device {d.name} ({d.kind}, {d.backend}): {d.description}; "
                    f"{d.free_bytes / 2**30:.1f} GiB free of {d.total_bytes / 2**30:.1f} GiB")
+    click.echo(f"RPC (llamalocal worker, --rpc): {'yes' if not missing_rpc else 'no: this build has no libggml-rpc'}")
     if fix:
-        click.echo(f"This machine has a {hint[0]} GPU but this llama-cpp-python build cannot use it. Reinstall with:",
-                   err=True)
+        why = []
+        if missing_gpu:
+            why.append(f"this machine has a {hint[0]} GPU but this llama-cpp-python build cannot use it")  # type: ignore[index]
+        if missing_rpc:
+            why.append("this llama-cpp-python build was compiled without RPC (pip reused a wheel cached from an "
+                       "install without -DGGML_RPC=on?)")
+        text = "; ".join(why)
+        click.echo(text[0].upper() + text[1:] + ". Reinstall with:", err=True)
         click.echo(f"  {fix}")
-    elif not hw.accelerators:
+    if not hw.accelerators and not missing_gpu:
         click.echo("No GPU found: llamalocal will run on the CPU.", err=True)
     if os.environ.get("CMAKE_ARGS"):
         click.echo(f"(CMAKE_ARGS is set in this shell: {os.environ['CMAKE_ARGS']})", err=True)

@@ -17,6 +17,8 @@ from llamalocal.cli.common import (
     force_option,
     gpu_layers_option,
     models_dir_option,
+    rpc_config,
+    rpc_options,
     sampling_options,
     threads_option,
 )
@@ -32,25 +34,26 @@ def load_options(f: Callable) -> Callable:
         models_dir_option, gpu_layers_option, ctx_option, threads_option,
         cache_type_option,
         click.option("--mlock", is_flag=True, help="Lock the model in RAM so the OS cannot page it out."),
-        force_option, sampling_options,
+        force_option, rpc_options, sampling_options,
     ]):
         f = opt(f)
     return f
 
 
 def _load(model: str | None, models_dir: Path | None, *, n_ctx: int | None, threads: int | None,
-          n_gpu_layers: int | str, cache_type: str, mlock: bool, force: bool, seed: int) -> Any:
+          n_gpu_layers: int | str, cache_type: str, mlock: bool, force: bool, seed: int, rpc: Any = None) -> Any:
     from llamalocal.paths import resolve_gguf
     from llamalocal.runner import context_size, load_model
 
     path = resolve_gguf(model, models_dir)
     start = time.perf_counter()
     loaded = load_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, force=force,
-                        cache_type=cache_type, mlock=mlock, seed=seed, log=_echo_err)
+                        cache_type=cache_type, mlock=mlock, seed=seed, log=_echo_err, rpc=rpc)
     llm = loaded.llm
+    where = (f"layers over {len(loaded.plan.devices)} devices" if loaded.plan is not None and loaded.plan.split
+             else f"{loaded.n_gpu_layers} layers on the GPU")
     _echo_err(f"loaded {path.name} in {time.perf_counter() - start:.1f} s: "
-              f"{loaded.n_gpu_layers} layers on the GPU, context {context_size(llm)} tokens, "
-              f"{llm.context_params.n_threads} threads")
+              f"{where}, context {context_size(llm)} tokens, {llm.context_params.n_threads} threads")
     return loaded
 
 
@@ -77,7 +80,8 @@ def _sampling(temp: float, top_p: float, top_k: int, repeat_penalty: float, seed
 @load_options
 def chat(model: str | None, system: str | None, template: str | None, max_tokens: int | None,
          models_dir: Path | None, n_gpu_layers: int | str, n_ctx: int | None, threads: int | None,
-         cache_type: str, mlock: bool, force: bool, temp: float, top_p: float, top_k: int,
+         cache_type: str, mlock: bool, force: bool, rpc_endpoints: str | None, rpc_key_file: Path | None,
+         tensor_split: list[float] | None, temp: float, top_p: float, top_k: int,
          repeat_penalty: float, seed: int) -> None:
     """Chat with MODEL (a .gguf, a directory or a name; default: the newest converted model).
 
@@ -88,7 +92,8 @@ def chat(model: str | None, system: str | None, template: str | None, max_tokens
     from llamalocal.chat import HELP, ChatSession, pick_template, repl
 
     loaded = _load(model, models_dir, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
-                   cache_type=cache_type, mlock=mlock, force=force, seed=seed)
+                   cache_type=cache_type, mlock=mlock, force=force, seed=seed,
+                   rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=_echo_err))
     name = loaded.desc.name if loaded.desc is not None else None
     chosen, why = pick_template(template, name, loaded.path, loaded.llm.metadata)
     _echo_err(f"template: {chosen} ({why})")
@@ -107,7 +112,8 @@ def chat(model: str | None, system: str | None, template: str | None, max_tokens
               help="Tokens to generate at most (fewer if the model ends the text or the context fills).")
 @load_options
 def generate(model: str, prompt: str, max_tokens: int, models_dir: Path | None, n_gpu_layers: int | str,
-             n_ctx: int | None, threads: int | None, cache_type: str, mlock: bool, force: bool, temp: float,
+             n_ctx: int | None, threads: int | None, cache_type: str, mlock: bool, force: bool,
+             rpc_endpoints: str | None, rpc_key_file: Path | None, tensor_split: list[float] | None, temp: float,
              top_p: float, top_k: int, repeat_penalty: float, seed: int) -> None:
     """Complete PROMPT once with MODEL: the completion alone on stdout, timing on stderr.
 
@@ -119,7 +125,8 @@ def generate(model: str, prompt: str, max_tokens: int, models_dir: Path | None, 
     if prompt == "-":
         prompt = sys.stdin.read()
     loaded = _load(model, models_dir, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
-                   cache_type=cache_type, mlock=mlock, force=force, seed=seed)
+                   cache_type=cache_type, mlock=mlock, force=force, seed=seed,
+                   rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=_echo_err))
     llm = loaded.llm
     stats = GenStats()
     out = sys.stdout

@@ -14,6 +14,8 @@ from llamalocal.cli.common import (
     force_option,
     gpu_layers_option,
     models_dir_option,
+    rpc_config,
+    rpc_options,
     threads_option,
 )
 
@@ -52,11 +54,13 @@ _DEFAULTS = ServeConfig()
 @ctx_option
 @gpu_layers_option
 @threads_option
+@rpc_options
 @force_option
 @models_dir_option
 def serve(model: str | None, host: str, port: int, api_key: str | None, parallel: int, read_timeout: float,
           connections_per_client: int, template: str | None, alias: str | None, access_log: bool,
           n_ctx: int | None, n_gpu_layers: int | str, threads: int | None, force: bool,
+          rpc_endpoints: str | None, rpc_key_file: Path | None, tensor_split: list[float] | None,
           models_dir: Path | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (default: the newest converted model).
 
@@ -82,7 +86,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, parallel
     cfg = ServeConfig(host=host, port=port, api_key=api_key, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                       threads=threads, force=force, parallel=parallel, alias=alias, template=template,
                       read_timeout=read_timeout, connections_per_client=connections_per_client,
-                      access_log=access_log)
+                      access_log=access_log,
+                      rpc=rpc_config(rpc_endpoints, rpc_key_file, tensor_split, warn=lambda m: click.echo(m, err=True)))
     code = 0
     try:
         run_server(path, cfg, log=lambda text: click.echo(text, err=True))
