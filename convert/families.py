@@ -200,8 +200,10 @@ def model_name(model_dir: Path) -> str:
 
 
 def is_instruct(model_dir: Path) -> bool:
-    """Meta names its instruction-tuned downloads `...-Instruct`."""
-    return "instruct" in model_name(model_dir).lower()
+    """Meta names its instruction-tuned downloads `...-Instruct` (Llama-3, Code Llama) or
+    `...-chat` (Llama-2)."""
+    words = re.split(r"[-_. ]", model_name(model_dir).lower())
+    return "instruct" in words or "chat" in words
 
 
 def _version_in_name(name: str) -> tuple[int, int | None] | None:

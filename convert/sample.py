@@ -50,6 +50,7 @@ class SampleSpec:
     tie_output: str = UNTIED
     # each KV head in this many consecutive shards, params.json saying n_kv_heads x this (405B MP16)
     kv_replicas: int = 1
+    weight_std: float = 0.02  # of the 2-D weights; larger makes attention (and so rope) matter in tests
 
 
 _STAGE_BYTES = 64 * 1024 * 1024
@@ -113,7 +114,7 @@ def _shard(meta_name: str, w: np.ndarray, n_shards: int, family: Family, kv_repl
     return np.split(w, n_shards, axis=split_dim)
 
 
-def random_weights(p: ModelParams, n_vocab: int, seed: int):
+def random_weights(p: ModelParams, n_vocab: int, seed: int, std: float = 0.02):
     """(meta_name, float32 array) in Meta's order: small normal weights, norms near 1."""
     rng = np.random.default_rng(seed)
     shapes = expected_shapes(p, n_vocab)
@@ -122,7 +123,7 @@ def random_weights(p: ModelParams, n_vocab: int, seed: int):
         if len(shape) == 1:
             yield name, (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
         else:
-            yield name, rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            yield name, rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
 def build_sample(target: Path, name: str = "sample", spec: SampleSpec = SampleSpec(),
@@ -159,7 +160,7 @@ def build_sample(target: Path, name: str = "sample", spec: SampleSpec = SampleSp
     store = np.float16 if spec.dtype == "f16" else np.float32
     shards: list[dict[str, np.ndarray]] = [{} for _ in range(spec.n_shards)]
     try:
-        for meta_name, w in random_weights(p, n_vocab, spec.seed):
+        for meta_name, w in random_weights(p, n_vocab, spec.seed, spec.weight_std):
             if meta_name == "output.weight" and spec.tie_output != UNTIED:
                 if spec.tie_output == TIED_SHARED:  # the very tensor: one storage in each shard's pickle
                     for sd in shards:
