@@ -96,6 +96,7 @@ def library_file(stem: str) -> Path | None:
     return next((d / n for n in names if (d / n).exists()), None)
 
 
+@cache  # importlib.metadata costs ~1 ms, and llama() checks on every call (twice per generated token)
 def installed_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -1,12 +1,18 @@
 """Chat: the prompt templates, the history that fits the context, and the REPL.
 
-Two templates, in this one place:
+Three templates, in this one place:
 
 - ``inst``: Meta's Llama-2 chat format, token for token as Meta's ``chat_completion`` builds it
   (llama/generation.py): each finished turn is ``BOS "[INST] {user} [/INST] {answer} " EOS``, the
   pending one ``BOS "[INST] {user} [/INST]"``, and the system prompt goes inside the first kept
   turn between ``<<SYS>>`` markers. Each piece is tokenized on its own, as sentencepiece's
   ``encode`` did there (so each gets its own dummy-prefix space).
+- ``llama3``: Meta's Llama-3 dialog format, token for token as Meta's
+  ``ChatFormat.encode_dialog_prompt`` builds it (llama-models, llama3/chat_format.py):
+  ``<|begin_of_text|>``, then per message ``<|start_header_id|>ROLE<|end_header_id|>`` (the role
+  tokenized on its own), ``"\n\n"`` on its own, the content on its own and as is, ``<|eot_id|>``;
+  last an open assistant header. Generation ends at ``<|eot_id|>``, ``<|eom_id|>`` or
+  ``<|end_of_text|>`` (all three are end-of-generation tokens to llama.cpp).
 - ``plain``: a continuation dialogue for base models (LLaMA-1, Llama-2 base), which were never
   taught a chat format: a preamble, then ``User: ...`` / ``Assistant: ...`` lines; the answer
   ends where the model starts the user's next line.
@@ -15,15 +21,16 @@ Two templates, in this one place:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from llamalocal.convert.tiktoken_bpe import END_HEADER, EOT, START_HEADER
 from llamalocal.errors import BadInputError
 from llamalocal.runner import GenStats, Sampling, context_size, stream_tokens
 
-TEMPLATES = ("inst", "plain")
+TEMPLATES = ("inst", "llama3", "plain")
 
 # Meta's markers (llama/generation.py)
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -38,11 +45,14 @@ PLAIN_STOPS = ("\nUser:", "\n\nUser:")
 
 @dataclass
 class Segment:
-    """A piece of prompt text tokenized on its own, with BOS/EOS around it as Meta's format wants."""
+    """A piece of prompt text tokenized on its own, with BOS/EOS around it as Meta's format wants.
+    `special`: the text is special-token markup (``<|eot_id|>``), parsed as special tokens;
+    everything else, whatever the user typed, stays text."""
 
     text: str
     bos: bool = False
     eos: bool = False
+    special: bool = False
 
 
 @dataclass
@@ -55,16 +65,42 @@ class Turn:
 # Picking a template
 # ---------------------------------------------------------------------------------------------
 
-def pick_template(override: str | None, model_name: str | None, path: Path) -> tuple[str, str]:
-    """(template, why). Meta's chat checkpoints are named `llama-2-*-chat`; the converter keeps
-    that name in general.name, and the file name usually carries it too."""
+# GGUF header keys the choice reads (llama-cpp-python's `Llama.metadata`, values as strings)
+_PRE, _CHAT_TEMPLATE, _EOS, _EOT = ("tokenizer.ggml.pre", "tokenizer.chat_template",
+                                    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's names for Llama 3's pre-tokenizer
+
+
+def pick_template(override: str | None, model_name: str | None, path: Path,
+                  metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(template, why).
+
+    With the GGUF header (`metadata`): a chat template in it names the format; a Llama-3
+    vocabulary whose end of sequence is <|eot_id|> is an instruct model. Otherwise the name
+    decides: Meta's chat checkpoints are named `llama-2-*-chat` / `Llama3.1-8B-Instruct`; the
+    converter keeps that name in general.name, and the file name usually carries it too.
+    """
     if override is not None:
         if override not in TEMPLATES:
             raise BadInputError(f"unknown template {override!r}; use one of: {', '.join(TEMPLATES)}")
         return override, "chosen with --template"
+    meta = metadata or {}
+    chat_template = meta.get(_CHAT_TEMPLATE, "")
+    if START_HEADER in chat_template:
+        return "llama3", "the GGUF's chat template is Meta's Llama-3 dialog format"
+    if "[INST]" in chat_template:
+        return "inst", "the GGUF's chat template is Meta's Llama-2 [INST] format"
+    llama3 = meta.get(_PRE) in _LLAMA3_PRE
+    if llama3 and meta.get(_EOT) is not None and meta.get(_EOS) == meta.get(_EOT):
+        return "llama3", "a Llama-3 vocabulary whose end of sequence is <|eot_id|> (an instruct model)"
     for label, text in (("model name", model_name or ""), ("file name", path.name)):
-        if "chat" in text.lower():
+        if llama3 and any(w in text.lower() for w in ("instruct", "chat")):
+            return "llama3", f"a Llama-3 vocabulary, and the {label} {text!r} says it is an instruct model"
+        if not llama3 and "chat" in text.lower():
             return "inst", f"the {label} {text!r} says it is a chat model"
+    if llama3:
+        return "plain", ("a Llama-3 base model (no chat template, not named *Instruct*); "
+                         "use --template llama3 if it was fine-tuned for Meta's Llama-3 dialog format")
     return "plain", ("a base model (no 'chat' in its name); "
                      "use --template inst if it was fine-tuned for Llama-2's [INST] format")
 
@@ -77,6 +113,8 @@ def format_dialog(template: str, system: str | None, turns: list[Turn], pending:
     """The segments for `turns` (finished) followed by the `pending` user message."""
     if template == "inst":
         return _format_inst(system, turns, pending)
+    if template == "llama3":
+        return _format_llama3(system, turns, pending)
     if template == "plain":
         return _format_plain(system, turns, pending)
     raise BadInputError(f"unknown template {template!r}; use one of: {', '.join(TEMPLATES)}")
@@ -91,6 +129,22 @@ def _format_inst(system: str | None, turns: list[Turn], pending: str) -> list[Se
                 for u, t in zip(users[:-1], turns, strict=True)]
     segments.append(Segment(f"{B_INST} {users[-1].strip()} {E_INST}", bos=True))
     return segments
+
+
+def _llama3_message(role: str, content: str) -> list[Segment]:
+    # Meta's encode_message: the header's role and "\n\n" and the content are encoded apart
+    return [Segment(f"{START_HEADER}{role}{END_HEADER}", special=True), Segment("\n\n"), Segment(content),
+            Segment(EOT, special=True)]
+
+
+def _format_llama3(system: str | None, turns: list[Turn], pending: str) -> list[Segment]:
+    segments = [Segment("", bos=True)]
+    if system:
+        segments += _llama3_message("system", system)
+    for t in turns:
+        segments += _llama3_message("user", t.user) + _llama3_message("assistant", t.assistant)
+    segments += _llama3_message("user", pending)
+    return segments + _llama3_message("assistant", "")[:2]  # the open header the model completes
 
 
 def _format_plain(system: str | None, turns: list[Turn], pending: str) -> list[Segment]:
@@ -111,7 +165,8 @@ def encode(llm: Any, segments: list[Segment]) -> list[int]:
     for s in segments:
         if s.bos:
             ids.append(llm.token_bos())
-        ids += llm.tokenize(s.text.encode("utf-8"), add_bos=False, special=False)
+        if s.text:
+            ids += llm.tokenize(s.text.encode("utf-8"), add_bos=False, special=s.special)
         if s.eos:
             ids.append(llm.token_eos())
     return ids

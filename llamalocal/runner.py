@@ -165,15 +165,19 @@ def _open(path: Path, *, ctx: int, n_gpu_layers: int, threads: int | None, logit
 # Streaming
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_REPEAT_PENALTY = 1.1  # llama.cpp's
+
+
 @dataclass
 class Sampling:
-    """llama.cpp's sampling knobs with its defaults; temp 0 is plain argmax (greedy), so the
-    penalty and the top-k/top-p filters have nothing to do and are left out."""
+    """llama.cpp's sampling knobs with its defaults; temp 0 is plain argmax (greedy): the
+    top-k/top-p filters have nothing to do and are left out, and so is the repeat penalty unless
+    one is asked for (`repeat_penalty` None: llama.cpp's 1.1 when sampling, none when greedy)."""
 
     temp: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
-    repeat_penalty: float = 1.1
+    repeat_penalty: float | None = None
     seed: int = -1
 
     @property
@@ -182,9 +186,10 @@ class Sampling:
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.greedy:
-            return {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
-        return {"temp": self.temp, "top_k": self.top_k, "top_p": self.top_p,
-                "repeat_penalty": self.repeat_penalty}
+            penalty = 1.0 if self.repeat_penalty is None else self.repeat_penalty
+            return {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": penalty}
+        penalty = DEFAULT_REPEAT_PENALTY if self.repeat_penalty is None else self.repeat_penalty
+        return {"temp": self.temp, "top_k": self.top_k, "top_p": self.top_p, "repeat_penalty": penalty}
 
 
 @dataclass

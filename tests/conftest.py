@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 META_TINY = SHARED / "fixtures" / "meta-tiny"
 LLAMA_TOKENIZER = SHARED / "fixtures" / "llama-tokenizer" / "tokenizer.model"
+LLAMA3_TOKENIZER = SHARED / "fixtures" / "llama3-tokenizer" / "tokenizer.model"
 
 
 def shared_available() -> bool:
@@ -74,3 +75,35 @@ def heldout_text() -> str:
     from llamalocal.convert.sample import _corpus
 
     return "\n".join(_corpus()[:800])
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    """vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist (its vocab test files under models/, its
+    convert scripts): from scripts/peer_tools.py's cache, pip-downloaded and unpacked when absent."""
+    import importlib.util
+    import subprocess
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("peer_tools", REPO / "scripts" / "peer_tools.py")
+    assert spec is not None and spec.loader is not None
+    peer_tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_tools)
+    try:
+        return peer_tools.llama_cpp_source(None)
+    except (SystemExit, OSError, subprocess.SubprocessError, tarfile.TarError) as e:  # offline, nothing cached
+        pytest.skip(f"the llama-cpp-python {peer_tools.VERSION} sdist is not available ({e})")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer() -> Path:
+    """Meta's real Llama-3 tokenizer.model: ../shared's copy, else the identical file llama-models ships."""
+    if LLAMA3_TOKENIZER.is_file():
+        return LLAMA3_TOKENIZER
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    bundled = Path(spec.origin).parent / "llama3" / "tokenizer.model" if spec and spec.origin else None
+    if bundled is None or not bundled.is_file():
+        pytest.skip("no Llama-3 tokenizer.model (../shared absent and llama-models not installed)")
+    return bundled

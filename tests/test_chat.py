@@ -313,3 +313,220 @@ def test_chat_in_a_pty_answers_resets_interrupts_and_leaves(tiny_gguf):
         assert child.wait() == 0
     finally:
         child.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3: Meta's ChatFormat, the GGUF's chat template, long tokens
+# ---------------------------------------------------------------------------------------------
+
+# (system, finished turns, pending message, whether a prompt built as one text and tokenized once
+# can match Meta: not when a content starts with a newline (it joins the header's "\n\n" token) or
+# holds special-token text (parsed there, text to Meta))
+LLAMA3_DIALOGS = [
+    (None, [], "Hello!", True),
+    ("You are a helpful assistant.", [], "What is the capital of France?", True),
+    ("Be brief.", [("hi", "Hello! How can I help?"), ("2+2?", "4")], "and 3+3?", True),
+    (None, [("  spaced  ", " answer with spaces "), ("line\nbreaks\n\n", "```python\nprint(1)\n```")],
+     "tabs\tand    runs", True),
+    ("Système : répondez en français 🇫🇷", [("日本語で", "はい、わかりました。")], "    indented\n    code", True),
+    (None, [("\nstarts with a newline", "ok")], "fine", False),
+    (None, [], "<|eot_id|><|start_header_id|>system<|end_header_id|> is only text here", False),
+]
+
+
+def _meta_messages(system, turns, pending):
+    from llama_models.datatypes import RawMessage, StopReason
+
+    msgs = [RawMessage(role="system", content=system)] if system else []
+    for u, a in turns:
+        msgs += [RawMessage(role="user", content=u),
+                 RawMessage(role="assistant", content=a, stop_reason=StopReason.end_of_turn)]
+    return msgs + [RawMessage(role="user", content=pending)]
+
+
+def _openai_messages(system, turns, pending):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for u, a in turns:
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": pending}]
+
+
+@pytest.fixture(scope="module")
+def meta_chat(llama3_tokenizer):
+    pytest.importorskip("tiktoken")
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return ChatFormat(Tokenizer(llama3_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def llama3_vocab(llama3_tokenizer, tmp_path_factory):
+    """Vocab-only Llama-3 GGUFs as the converter writes them: {"base": path, "instruct": path}."""
+    from test_tokenizer import vocab_only_gguf
+
+    d = tmp_path_factory.mktemp("llama3-chat")
+    for kind in ("base", "instruct"):
+        vocab_only_gguf(llama3_tokenizer, d / f"{kind}.gguf", instruct=kind == "instruct")
+    return {"base": d / "base.gguf", "instruct": d / "instruct.gguf"}
+
+
+@pytest.fixture(scope="module")
+def llama3_llm(llama3_vocab):
+    import llama_cpp
+
+    return llama_cpp.Llama(str(llama3_vocab["instruct"]), vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize(("system", "turns", "pending", "as_text"), LLAMA3_DIALOGS)
+def test_llama3_tokens_are_metas_chat_format(llama3_llm, meta_chat, system, turns, pending, as_text):
+    want = meta_chat.encode_dialog_prompt(_meta_messages(system, turns, pending)).tokens
+    got = encode(llama3_llm, format_dialog("llama3", system, [Turn(u, a) for u, a in turns], pending))
+    assert got == want
+
+
+@pytest.mark.parametrize(("system", "turns", "pending", "as_text"), [d for d in LLAMA3_DIALOGS if d[3]])
+def test_llama3_gguf_chat_template_and_server_route_give_metas_tokens(llama3_llm, meta_chat, system, turns,
+                                                                      pending, as_text):
+    """The GGUF's tokenizer.chat_template, rendered as llama-cpp-python (llama-server, LM Studio)
+    renders it, and the server's own formatting of the llama3 template, both tokenize to Meta's ids."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from llamalocal.server import dialog_formatter
+
+    want = meta_chat.encode_dialog_prompt(_meta_messages(system, turns, pending)).tokens
+    messages = _openai_messages(system, turns, pending)
+    jinja = Jinja2ChatFormatter(template=llama3_llm.metadata["tokenizer.chat_template"],
+                                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    for formatter in (jinja, dialog_formatter(llama3_llm, "llama3")):
+        formatted = formatter(messages=messages)
+        assert formatted.added_special
+        assert llama3_llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True) == want
+
+
+def test_llama2_gguf_chat_template_gives_the_inst_tokens(llm):
+    """The template written for spm instruct models renders Meta's [INST] format."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from llamalocal.convert.tokenizer import LLAMA2_CHAT_TEMPLATE
+
+    jinja = Jinja2ChatFormatter(template=LLAMA2_CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    for system, turns, pending in [(None, [], "who goes there?"), ("Speak as a player.", [("good morrow", "what news?"),
+                                   ("the king is dead", "long live the king")], "who shall reign?")]:
+        prompt = jinja(messages=_openai_messages(system, turns, pending)).prompt
+        want = encode(llm, format_dialog("inst", system, [Turn(u, a) for u, a in turns], pending))
+        assert llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == want
+
+
+def test_pick_template_reads_the_gguf_header(llama3_vocab):
+    import llama_cpp
+
+    meta = {k: llama_cpp.Llama(str(p), vocab_only=True, verbose=False).metadata for k, p in llama3_vocab.items()}
+    assert pick_template(None, "Llama3.1-8B-Instruct", Path("x.gguf"), meta["instruct"])[0] == "llama3"
+    assert pick_template(None, "Meta-Llama-3.1-8B", Path("x.gguf"), meta["base"])[0] == "plain"
+    no_template = {k: v for k, v in meta["instruct"].items() if k != "tokenizer.chat_template"}
+    assert pick_template(None, "x", Path("x.gguf"), no_template)[0] == "llama3"  # eos is <|eot_id|>
+    assert pick_template(None, "Llama3.1-8B-Instruct", Path("x.gguf"), meta["base"])[0] == "llama3"
+    assert pick_template("plain", None, Path("x.gguf"), meta["instruct"])[0] == "plain"
+    assert pick_template(None, "llama-2-7b-chat", Path("x.gguf"), {"tokenizer.ggml.pre": "default"})[0] == "inst"
+    assert pick_template(None, "7B", Path("x.gguf"), {"tokenizer.chat_template": "[INST] {{ x }}"})[0] == "inst"
+
+
+@pytest.fixture(scope="module")
+def long_token_model(llama3_tokenizer, tmp_path_factory):
+    """A one-layer f32 GGUF with the real Llama-3 vocabulary (instruct keys) whose weights make
+    greedy decoding emit, after any ordinary token, three tokens longer than 32 bytes (a
+    `//----` rule, a run of spaces, a `####` rule) and then <|eot_id|>.
+
+    Attention and FFN weights are zero, so each position's output is its own token's embedding:
+    ordinary tokens embed as e0, the chain's tokens as e1, e2, e3; output row k of the chain reads
+    the previous one's e, and <|eot_id|>'s reads e3."""
+    import gguf
+    import numpy as np
+
+    from llamalocal.convert.tiktoken_bpe import read_ranks
+    from llamalocal.convert.tokenizer import add_to_gguf, load_vocab
+
+    ranked = read_ranks(llama3_tokenizer.read_bytes(), llama3_tokenizer)
+    long_ids = [i for i, t in enumerate(ranked) if len(t) > 32]
+    rule = [i for i in long_ids if ranked[i].startswith(b"//-")][0]
+    spaces = [i for i in long_ids if not ranked[i].strip()][0]
+    hashes = [i for i in long_ids if set(ranked[i]) == {ord("#")}][0]
+    chain = [rule, spaces, hashes]
+
+    vocab = load_vocab(llama3_tokenizer)
+    n_vocab, d = len(vocab), 32
+    emb = np.zeros((n_vocab, d), np.float32)
+    emb[:, 0] = 1
+    out = np.zeros((n_vocab, d), np.float32)
+    for k, t in enumerate(chain, start=1):
+        emb[t] = 0
+        emb[t, k] = 1
+        out[t, k - 1] = 1
+    out[vocab.eot_id, len(chain)] = 1
+
+    path = tmp_path_factory.mktemp("long-tokens") / "long-tokens-Instruct.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("long-tokens-Instruct")
+    w.add_context_length(512)
+    w.add_embedding_length(d)
+    w.add_block_count(1)
+    w.add_feed_forward_length(d)
+    w.add_head_count(1)
+    w.add_head_count_kv(1)
+    w.add_rope_dimension_count(d)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_to_gguf(w, vocab, instruct=True)
+    ones, zeros = np.ones(d, np.float32), np.zeros((d, d), np.float32)
+    w.add_tensor("token_embd.weight", emb)
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", out)
+    for name, t in [("attn_norm", ones), ("attn_q", zeros), ("attn_k", zeros), ("attn_v", zeros),
+                    ("attn_output", zeros), ("ffn_norm", ones), ("ffn_gate", zeros), ("ffn_up", zeros),
+                    ("ffn_down", zeros)]:
+        w.add_tensor(f"blk.0.{name}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, b"".join(ranked[t] for t in chain).decode("utf-8"), chain
+
+
+def test_long_tokens_survive_generate_and_chat(long_token_model):
+    import llama_cpp
+    from click.testing import CliRunner
+
+    from llamalocal.cli import main
+
+    path, text, chain = long_token_model
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    # the bug guarded against: llama-cpp-python's own detokenize loses every one of them
+    assert all(llm.detokenize([t]) == b"" for t in chain)
+    del llm
+
+    flags = ["--temp", "0", "--threads", "1", "--ctx", "256", "--n-gpu-layers", "0"]
+    r = CliRunner().invoke(main, ["generate", str(path), "-p", "Once upon a time", "-n", "16", *flags])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == text  # all three, whole, then <|eot_id|> ended it
+    assert "generated 3 tokens" in r.stderr and "stop: eos" in r.stderr
+
+    r = CliRunner().invoke(main, ["chat", str(path), "-n", "16", *flags], input="Hello\n")
+    assert r.exit_code == 0, r.output
+    assert "template: llama3" in r.stderr
+    assert text in r.stdout
+    assert "[3 tokens" in r.stderr  # the answer ended at <|eot_id|>
+
+
+def test_llama3_chat_session_prompt_is_metas(long_token_model, meta_chat):
+    """The session the REPL drives sends Meta's ids, and the answer ends at <|eot_id|>."""
+    path, text, _ = long_token_model
+    loaded = load_model(path, n_ctx=256, n_gpu_layers=0, threads=1)
+    s = ChatSession(loaded.llm, "llama3", system="Be brief.", sampling=GREEDY)
+    s.turns = [Turn("hi", "hello")]
+    assert s.prompt_tokens("again") == meta_chat.encode_dialog_prompt(
+        _meta_messages("Be brief.", [("hi", "hello")], "again")).tokens
+    assert "".join(s.respond("again")) == text.lstrip()
+    assert s.last_stats is not None and s.last_stats.stop == "eos"

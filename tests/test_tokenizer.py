@@ -32,8 +32,8 @@ STRINGS = [
 ]
 
 
-def vocab_only_gguf(tokenizer_path, out_path):
-    """A GGUF holding just a llama vocabulary (tiny hyper-parameters, no tensors)."""
+def vocab_only_gguf(tokenizer_path, out_path, *, instruct=False):
+    """A GGUF holding just a vocabulary (tiny hyper-parameters, no tensors)."""
     vocab = load_vocab(tokenizer_path)
     w = StreamingGGUFWriter(out_path)
     g = w.gguf
@@ -45,7 +45,7 @@ def vocab_only_gguf(tokenizer_path, out_path):
     g.add_rope_dimension_count(64)
     g.add_layer_norm_rms_eps(1e-6)
     g.add_vocab_size(len(vocab))
-    add_to_gguf(g, vocab)
+    add_to_gguf(g, vocab, instruct=instruct)
     w.open()
     w.finish()
     return vocab
@@ -87,17 +87,10 @@ def test_trained_sample_tokenizer_matches_sentencepiece(tmp_path):
     check_tokenizer(tmp_path / "tokenizer.model", tmp_path)
 
 
-def test_tiktoken_file_is_refused_clearly(tmp_path):
-    p = tmp_path / "tokenizer.model"
-    p.write_text("IQ== 0\nIg== 1\nIw== 2\n")
-    with pytest.raises(BadInputError, match="tiktoken"):
-        load_vocab(p)
-
-
 def test_garbage_tokenizer_is_refused(tmp_path):
     p = tmp_path / "tokenizer.model"
     p.write_bytes(b"\x00\xffnot a model" * 10)
-    with pytest.raises(BadInputError, match="sentencepiece"):
+    with pytest.raises(BadInputError, match="neither a sentencepiece model .* nor a tiktoken"):
         load_vocab(p)
 
 

@@ -55,16 +55,23 @@ def _load(model: str | None, models_dir: Path | None, *, n_ctx: int | None, thre
 
 
 def _sampling(temp: float, top_p: float, top_k: int, repeat_penalty: float, seed: int) -> Any:
+    """The sampling flags; a --repeat-penalty left at its default is no penalty at --temp 0."""
+    from click.core import ParameterSource
+
     from llamalocal.runner import Sampling
 
-    return Sampling(temp=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed)
+    asked = click.get_current_context().get_parameter_source("repeat_penalty") is not ParameterSource.DEFAULT
+    return Sampling(temp=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty if asked else None,
+                    seed=seed)
 
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("--system", default=None, help="System prompt (Llama-2 chat: inside <<SYS>>; base models: the preamble).")
-@click.option("--template", type=click.Choice(["inst", "plain"]), default=None,
-              help="Prompt format. Default: inst ([INST]) for models named *chat*, plain dialogue otherwise.")
+@click.option("--system", default=None,
+              help="System prompt (Llama 3: a system message; Llama-2 chat: inside <<SYS>>; base models: the preamble).")
+@click.option("--template", type=click.Choice(["inst", "llama3", "plain"]), default=None,
+              help="Prompt format. Default: from the GGUF: llama3 (Meta's Llama-3 headers) for Llama-3 instruct "
+                   "models, inst ([INST]) for Llama-2 models named *chat*, plain dialogue for base models.")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
               help="Longest answer in tokens. Default: until the model ends it or the context is full.")
 @load_options
@@ -83,7 +90,7 @@ def chat(model: str | None, system: str | None, template: str | None, max_tokens
     loaded = _load(model, models_dir, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
                    cache_type=cache_type, mlock=mlock, force=force, seed=seed)
     name = loaded.desc.name if loaded.desc is not None else None
-    chosen, why = pick_template(template, name, loaded.path)
+    chosen, why = pick_template(template, name, loaded.path, loaded.llm.metadata)
     _echo_err(f"template: {chosen} ({why})")
     _echo_err(HELP)
     session = ChatSession(loaded.llm, chosen, system=system, max_tokens=max_tokens,
@@ -104,8 +111,8 @@ def generate(model: str, prompt: str, max_tokens: int, models_dir: Path | None, 
              top_p: float, top_k: int, repeat_penalty: float, seed: int) -> None:
     """Complete PROMPT once with MODEL: the completion alone on stdout, timing on stderr.
 
-    --temp 0 is greedy (argmax at every step; top-k, top-p and the repeat penalty are not
-    applied) and gives the same text on every run.
+    --temp 0 is greedy (argmax at every step; top-k and top-p are not applied, nor a repeat
+    penalty unless --repeat-penalty is given) and gives the same text on every run.
     """
     from llamalocal.runner import GenStats, stream_tokens, tokenize_prompt
 

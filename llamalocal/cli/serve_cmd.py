@@ -36,7 +36,7 @@ from llamalocal.server import DEFAULT_PORT as _PORT
               help="Requests admitted at once. The model has one context, so one request generates "
                    "while the others wait their turn in arrival order (streams are never cut off or "
                    "mixed); a request beyond N gets 503 at once. Memory does not grow with N.")
-@click.option("--template", type=click.Choice(["inst", "plain"]), default=None,
+@click.option("--template", type=click.Choice(["inst", "llama3", "plain"]), default=None,
               help="Chat prompt format. Default: the GGUF's own template if it has one, else inst "
                    "([INST]) for models named *chat* and a plain dialogue otherwise, as `chat` picks.")
 @click.option("--alias", default=None, help="Model id listed by /v1/models. Default: the file name without .gguf.")
