@@ -91,7 +91,12 @@ class MetaModel:
         return out[0].double().numpy()
 
     def greedy(self, tokens: list[int], n: int) -> list[int]:
-        seq = list(tokens)
-        for _ in range(n):
-            seq.append(int(self.logits(seq)[-1].argmax()))
-        return seq[len(tokens):]
+        """n argmax tokens after `tokens`, through Meta's KV cache (start_pos), as Meta generates."""
+        out: list[int] = []
+        with torch.inference_mode():
+            logits = self.model.forward(torch.tensor([tokens]), 0)
+            while True:
+                out.append(int(logits[0, -1].argmax()))
+                if len(out) == n:
+                    return out
+                logits = self.model.forward(torch.tensor([[out[-1]]]), len(tokens) + len(out) - 1)
