@@ -219,11 +219,7 @@ def _rope_factor(p: ModelParams, family: Family, override: float | None, model_d
                             f"(Llama-3.1 and later); {model_dir} is {family.label}, whose rope is not scaled")
     if not p.use_scaled_rope:
         return None
-    factor = override or family.rope_scaling_factor
-    if factor is None:
-        raise BadInputError(f"{model_dir / 'params.json'} sets use_scaled_rope, which a {family.label} model "
-                            "does not have; params.json and the tokenizer do not belong together")
-    return factor
+    return override or family.rope_scaling_factor  # detect() gives scaled-rope params a family with a factor
 
 
 def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset: presets.Preset,

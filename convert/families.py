@@ -169,16 +169,19 @@ def rope_freq_factors(head_dim: int, theta: float, factor: float) -> np.ndarray:
 
     Meta: wavelengths below original_context / high_freq_factor keep their frequency, those above
     original_context / low_freq_factor are divided by `factor`, and the band between blends the
-    two linearly in original_context / wavelength.
+    two linearly in original_context / wavelength. In float32 throughout, as Meta's model.py and
+    llama.cpp's convert_hf_to_gguf.py compute it (the same bytes as the latter for theta 500000).
     """
-    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64)[: head_dim // 2] / head_dim))
-    wavelen = 2 * np.pi / freqs
-    low_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
-    high_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
-    blended = 1.0 / ((1 - smooth) / factor + smooth)
-    out = np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor, blended))
-    return out.astype(np.float32)
+    f32 = np.float32
+    freqs = f32(1.0) / (f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32)[: head_dim // 2] / f32(head_dim)))
+    wavelen = f32(2 * np.pi) / freqs
+    low_wavelen = f32(ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR)
+    high_wavelen = f32(ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR)
+    smooth = (f32(ROPE_ORIGINAL_CONTEXT) / wavelen - f32(ROPE_LOW_FREQ_FACTOR)) \
+        / f32(ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth)
+    out = np.where(wavelen < high_wavelen, f32(1.0), np.where(wavelen > low_wavelen, f32(factor), blended))
+    return out.astype(f32)
 
 
 # ---------------------------------------------------------------------------------------------
