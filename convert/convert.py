@@ -1,7 +1,7 @@
 """`convert()`: a Meta download to one GGUF in a single streaming pass.
 
 Orchestration only: the pieces live in their own modules (checkpoint reading, shard merging,
-tensor names, params, tokenizer, presets/quantization, GGUF writing). Each tensor is read,
+model families and their tensor names, params, tokenizer, presets/quantization, GGUF writing). Each tensor is read,
 merged, quantized straight to its final type and written in blocks of rows, so peak memory
 does not grow with model size and there is no f16 scratch file.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Protocol
@@ -34,11 +34,31 @@ from llamalocal.convert.errors import (
     DiskSpaceError,
     OutputExistsError,
 )
+from llamalocal.convert.families import (
+    ROPE_FREQS,
+    SKIPPED,
+    Family,
+    check_supported,
+    check_tensor_names,
+    detect,
+    expected_shapes,
+    is_instruct,
+    meta_names,
+    model_name,
+    rope_freq_factors,
+)
 from llamalocal.convert.gguf_out import StreamingGGUFWriter
-from llamalocal.convert.merge import ShardSlice, blocks, check_replicated, merged_shape
+from llamalocal.convert.merge import (
+    ShardSlice,
+    blocks,
+    check_replicas,
+    check_replicated,
+    kv_replicas,
+    merged_shape,
+    same_values,
+)
 from llamalocal.convert.params import ModelParams, load_params
 from llamalocal.convert.quantize import quantize_block, quantized_nbytes
-from llamalocal.convert.tensor_names import SKIPPED, lookup, meta_names
 from llamalocal.convert.tokenizer import Vocab, add_to_gguf, find_tokenizer, load_vocab
 
 SHARD_GLOB = "consolidated.*.pth"
@@ -71,6 +91,8 @@ class TensorPlan:
     split_dim: int | None
     qtype: gguf.GGMLQuantizationType
     nbytes: int
+    replicas: int = 1  # consecutive shards holding copies of the same rows (merge.kv_replicas)
+    values: np.ndarray | None = None  # computed here, not read from the checkpoint (rope_freqs)
 
 
 @dataclass
@@ -83,6 +105,11 @@ class ConvertResult:
     tensors: list[TensorPlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was verified and how
+    family: str = ""  # the family's label: "Llama-3.1"
+    n_ctx: int = 0  # the context length recorded
+    rope_scaling_factor: float | None = None  # Meta's scaled-rope factor written into rope_freqs
+    tied_embeddings: bool = False  # no output.weight: llama.cpp uses token_embd as the output
+    kv_replicas: int = 1  # shards per KV head copy that were merged into one (405B MP16: 2)
 
     @property
     def bits_per_weight(self) -> float:
@@ -104,51 +131,61 @@ def shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def expected_shapes(p: ModelParams, n_vocab: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor's merged shape as params.json implies it (Meta's model.py)."""
-    kv_dim = p.kv_heads * p.head_dim
-    per_layer = {
-        "attention.wq.weight": (p.dim, p.dim),
-        "attention.wk.weight": (kv_dim, p.dim),
-        "attention.wv.weight": (kv_dim, p.dim),
-        "attention.wo.weight": (p.dim, p.dim),
-        "attention_norm.weight": (p.dim,),
-        "feed_forward.w1.weight": (p.hidden_dim, p.dim),
-        "feed_forward.w2.weight": (p.dim, p.hidden_dim),
-        "feed_forward.w3.weight": (p.hidden_dim, p.dim),
-        "ffn_norm.weight": (p.dim,),
-    }
-    shapes = {"tok_embeddings.weight": (n_vocab, p.dim), "norm.weight": (p.dim,), "output.weight": (n_vocab, p.dim)}
-    for i in range(p.n_layers):
-        shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
+def _tied_output(shards: list, family: Family) -> bool:
+    """Whether output.weight is tok_embeddings: the same storage in the pickle or, in a family whose
+    small sizes tie them (Llama-3.2), absent (llama.cpp then uses the embeddings) or equal."""
+    def same_storage(s) -> bool:
+        a, b = s.tensors["tok_embeddings.weight"], s.tensors["output.weight"]
+        return (a.storage_key, a.storage_offset, a.shape) == (b.storage_key, b.storage_offset, b.shape)
+
+    if "tok_embeddings.weight" not in shards[0].tensors:
+        return False  # reported as missing by _plan_tensors
+    if any("output.weight" not in s.tensors for s in shards):
+        return family.tied_output  # elsewhere a missing output.weight is a missing tensor
+    if all(same_storage(s) for s in shards):
+        return True
+    return family.tied_output and all(
+        s.tensors["tok_embeddings.weight"].shape == s.tensors["output.weight"].shape for s in shards) and all(
+        same_values(s, "tok_embeddings.weight", "output.weight", BLOCK_ELEMENTS) for s in shards)
 
 
-def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset) -> tuple[list[TensorPlan], int]:
-    """Check names and shapes against params.json; choose each tensor's output type."""
+def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset, family: Family,
+                  replicas: int = 1) -> tuple[list[TensorPlan], int, bool]:
+    """Check names and shapes against params.json; choose each tensor's output type.
+
+    Returns (the tensors to write, in order; the vocabulary size; whether the output is tied)."""
     names = [n for n in shards[0].tensors if n not in SKIPPED]
     for i, s in enumerate(shards[1:], start=1):
         if set(n for n in s.tensors if n not in SKIPPED) != set(names):
             raise CheckpointError(f"consolidated.{i:02d}.pth holds different tensors from consolidated.00.pth; "
                                   "the shards are not from the same model")
-    unknown = [n for n in names if lookup(n) is None]
+    check_tensor_names(names, shards[0].path)
+    unknown = [n for n in names if family.lookup(n) is None]
     if unknown:
         raise CheckpointError(f"unknown tensor names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: "
                               "not a Meta LLaMA checkpoint llamalocal knows")
+    tied = _tied_output(shards, family)
+    if tied:
+        names = [n for n in names if n != "output.weight"]
 
     plans: dict[str, TensorPlan] = {}
     for name in names:
-        gguf_name, rule, _ = lookup(name)  # type: ignore[misc]
-        shape = merged_shape(name, [tuple(s.tensors[name].shape) for s in shards], rule.split_dim)
-        plans[name] = TensorPlan(name, gguf_name, shape, rule.split_dim, gguf.GGMLQuantizationType.F32, 0)
+        gguf_name, rule = family.lookup(name)  # type: ignore[misc]
+        r = replicas if name.endswith(("attention.wk.weight", "attention.wv.weight")) else 1
+        shape = merged_shape(name, [tuple(s.tensors[name].shape) for s in shards], rule.split_dim, r)
+        plans[name] = TensorPlan(name, gguf_name, shape, rule.split_dim, gguf.GGMLQuantizationType.F32, 0,
+                                 replicas=r)
 
     emb = plans.get("tok_embeddings.weight")
     if emb is None or len(emb.shape) != 2:
         raise CheckpointError("tok_embeddings.weight is missing or not 2-D; not a complete LLaMA checkpoint")
     n_vocab = emb.shape[0]
     if p.vocab_size > 0 and p.vocab_size != n_vocab:
-        raise CheckpointError(f"params.json says vocab_size {p.vocab_size} but tok_embeddings has {n_vocab} rows")
+        raise CheckpointError(f"params.json says vocab_size {p.vocab_size} but tok_embeddings has {n_vocab} rows; "
+                              "params.json and the weights do not belong together")
     expected = expected_shapes(p, n_vocab)
+    if tied:
+        del expected["output.weight"]
     missing = [n for n in expected if n not in plans]
     if missing:
         raise CheckpointError(f"missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -161,17 +198,33 @@ def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset) -> tuple
     if extra:
         raise CheckpointError(f"tensors {extra[:4]} do not fit params.json (n_layers={p.n_layers})")
 
-    ordered = [plans[n] for n in meta_names(p.n_layers)]
+    ordered = [plans[n] for n in meta_names(p.n_layers) if n in plans]
     for t in ordered:
         i_layer = int(t.gguf_name.split(".")[1]) if t.gguf_name.startswith("blk.") else None
         t.qtype = presets.tensor_type(preset, t.gguf_name, t.shape, n_layers=p.n_layers, n_head=p.n_heads,
-                                      n_head_kv=p.kv_heads, i_layer=i_layer)
+                                      n_head_kv=p.kv_heads, i_layer=i_layer, tied_embeddings=tied)
         t.nbytes = quantized_nbytes(t.shape, t.qtype)
-    return ordered, n_vocab
+    return ordered, n_vocab, tied
+
+
+def _rope_plan(p: ModelParams, theta: float, factor: float) -> TensorPlan:
+    """llama.cpp's rope_freqs.weight for Meta's scaled rope (f32, one value per frequency pair)."""
+    values = rope_freq_factors(p.head_dim, theta, factor)
+    return TensorPlan(ROPE_FREQS, ROPE_FREQS, values.shape, None, gguf.GGMLQuantizationType.F32, values.nbytes,
+                      values=values)
+
+
+def _rope_factor(p: ModelParams, family: Family, override: float | None, model_dir: Path) -> float | None:
+    if override is not None and not p.use_scaled_rope:
+        raise BadInputError(f"--rope-scaling-factor applies to models with use_scaled_rope in params.json "
+                            f"(Llama-3.1 and later); {model_dir} is {family.label}, whose rope is not scaled")
+    if not p.use_scaled_rope:
+        return None
+    return override or family.rope_scaling_factor  # detect() gives scaled-rope params a family with a factor
 
 
 def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset: presets.Preset,
-                    name: str, n_ctx: int) -> None:
+                    name: str, n_ctx: int, family: Family, instruct: bool) -> None:
     g = w.gguf
     g.add_name(name)
     g.add_file_type(int(preset.ftype))
@@ -186,9 +239,9 @@ def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset
     g.add_head_count(p.n_heads)
     g.add_head_count_kv(p.kv_heads)
     g.add_layer_norm_rms_eps(p.norm_eps)
-    if p.rope_theta is not None:
-        g.add_rope_freq_base(p.rope_theta)
-    add_to_gguf(g, vocab)
+    if p.rope_theta is not None or family.rope_theta != 10000.0:  # llama.cpp's default is 10000
+        g.add_rope_freq_base(p.rope_theta if p.rope_theta is not None else family.rope_theta)
+    add_to_gguf(g, vocab, instruct=instruct)
 
 
 class _Slot:
@@ -241,11 +294,16 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
             name, future, slot = item
             data = future.result()
             w.write(name, data)
-            slots.put(slot)
+            if slot is not None:
+                slots.put(slot)
             progress.advance(data.nbytes, name)
 
-    def work(t: TensorPlan, parts: list[tuple[np.ndarray, bool]], slot: _Slot, first_row: int) -> np.ndarray:
+    def work(t: TensorPlan, parts: list[tuple[np.ndarray, bool]], slot: _Slot, first_row: int,
+             first_shard: int) -> np.ndarray:
         nbytes = parts[0][0].shape[0] * t.nbytes // (t.shape[0] if len(t.shape) == 2 else 1)
+        if t.replicas > 1:  # copies of the same KV heads: compared, then written once
+            check_replicas(t.meta_name, [values for values, _ in parts], first_shard)
+            parts = parts[:1]
         try:
             return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row)
         except ValueError as e:
@@ -266,11 +324,17 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
 
         try:
             for t in plans:
-                for first_row, slices in blocks(t.meta_name, shards, t.split_dim, t.shape, BLOCK_ELEMENTS):
+                if t.values is not None:
+                    done: Future = Future()
+                    done.set_result(t.values)
+                    pending.put((t.gguf_name, done, None))
+                    continue
+                for first_row, slices in blocks(t.meta_name, shards, t.split_dim, t.shape, BLOCK_ELEMENTS,
+                                                t.replicas):
                     check()
                     slot = free_slot()
                     parts = slot.read(t, shards, slices)
-                    pending.put((t.gguf_name, pool.submit(work, t, parts, slot, first_row), slot))
+                    pending.put((t.gguf_name, pool.submit(work, t, parts, slot, first_row, slices[0].shard), slot))
             pending.put(None)
             writer.result()
         except BaseException:
@@ -315,6 +379,8 @@ def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, 
     checks, nbytes = [], 0
     for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
         if not (folder / listing).is_file():
+            if listing == TOKENIZER_CHECKLIST and folder.resolve() == model_dir.resolve():
+                continue  # Llama-3: tokenizer.model sits beside the shards, listed in checklist.chk
             warnings.append(f"no {listing} in {folder}: file integrity not verified")
             continue
         sums = read_checklist(folder / listing)  # a malformed list is an error now, not later
@@ -348,8 +414,9 @@ def _raise_failed(checks: list[Future]) -> None:
 
 
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
-            force: bool = False, verify: bool = True, reverify: bool = False, n_ctx: int | None = None, threads: int | None = None,
-            name: str | None = None, progress: Progress | None = None) -> ConvertResult:
+            force: bool = False, verify: bool = True, reverify: bool = False, n_ctx: int | None = None,
+            threads: int | None = None, name: str | None = None, rope_scaling_factor: float | None = None,
+            progress: Progress | None = None) -> ConvertResult:
     """Convert a Meta checkpoint directory to one GGUF file.
 
     Args:
@@ -361,8 +428,12 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             the conversion and the output is published only if every sum matches. Files verified
             before and unchanged since are taken as verified (convert.verified).
         reverify: hash every listed file even if it was verified before.
-        n_ctx: context length to record; default Meta's (2048 LLaMA-1, 4096 Llama-2, 16384 Code Llama).
+        n_ctx: context length to record; default the family's (2048 LLaMA-1, 4096 Llama-2, 16384 Code
+            Llama, 8192 Llama-3, 131072 Llama-3.1 and later).
         threads: worker threads; default every core.
+        name: general.name; default the model folder's name.
+        rope_scaling_factor: Meta's scaled-rope factor for a model with use_scaled_rope; default the
+            family's (8, and 32 for Llama-3.2 1B/3B).
         progress: receives stages and byte counts.
 
     Returns:
@@ -388,6 +459,7 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         raise BadInputError(f"cannot write in {out.parent} (permission denied); choose another --outfile")
 
     p = load_params(model_dir)
+    check_supported(dict(p.extra), model_dir)
     files = shard_files(model_dir)
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
@@ -401,14 +473,21 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
                                                  reverify) if verify else ([], 0))
         try:
             vocab = load_vocab(tok_path)
+            family = detect(p, vocab.kind, model_dir, tok_path)
+            factor = _rope_factor(p, family, rope_scaling_factor, model_dir)
             shards = [stack.enter_context(open_checkpoint(f)) for f in files]
-            plans, n_vocab = _plan_tensors(shards, p, pre)
+            replicas = kv_replicas(shards, p.kv_heads)
+            if replicas > 1:  # write the real KV heads once (405B MP16: 8 heads copied over 16 shards)
+                p = replace(p, n_kv_heads=p.kv_heads // replicas)
+            plans, n_vocab, tied = _plan_tensors(shards, p, pre, family, replicas)
+            if factor is not None:
+                plans.insert(0, _rope_plan(p, p.rope_theta or family.rope_theta, factor))
             if len(vocab) > n_vocab:
                 raise BadInputError(f"{tok_path} has {len(vocab)} tokens but the model's embedding has {n_vocab}; "
                                     "the tokenizer belongs to another model")
             vocab = vocab.padded(n_vocab)
             for t in plans:
-                if t.split_dim is None and len(shards) > 1:
+                if t.split_dim is None and t.values is None and len(shards) > 1:
                     check_replicated(t.meta_name, shards)
 
             total = sum(t.nbytes for t in plans)
@@ -418,7 +497,8 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
                                      f"about {total / 2**30:.1f} GiB. Free some space or choose another --outfile")
 
             w = StreamingGGUFWriter(out)
-            _write_metadata(w, p, vocab, pre, name or model_dir.resolve().name, n_ctx or p.n_ctx)
+            ctx = n_ctx or family.n_ctx
+            _write_metadata(w, p, vocab, pre, name or model_name(model_dir), ctx, family, is_instruct(model_dir))
             for t in plans:
                 w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
             try:
@@ -438,9 +518,10 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
                         raise c.exception() from None  # type: ignore[misc]
             raise
 
-    n_params = sum(int(_numel(t.shape)) for t in plans)
+    n_params = sum(int(_numel(t.shape)) for t in plans if t.values is None)
     return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings,
-                         notes)
+                         notes, family=family.label, n_ctx=ctx, rope_scaling_factor=factor, tied_embeddings=tied,
+                         kv_replicas=replicas)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

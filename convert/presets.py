@@ -10,7 +10,9 @@ How llama.cpp decides, in order:
      source type, which for this converter is F32.
   2. F32 / F16 presets: every other tensor (token_embd and output included) gets that type.
   3. Quantized presets: start from the preset's default type, then
-     - output.weight -> Q6_K (Q8_0 if the preset is Q8_0 or its row is not a whole block);
+     - output.weight -> Q6_K (Q8_0 if the preset is Q8_0 or its row is not a whole block); in a
+       model without output.weight (tied embeddings: Llama-3.2 1B/3B) token_embd.weight is the
+       output matrix too and gets the same choice;
      - per-preset bumps of attn_v, ffn_down and attn_output (`_BUMPS`), some every few layers
        (`use_more_bits`), Q2_K's attn_v by the grouped-query factor;
      - the "70B" rule: 80 layers with grouped-query attention -> attn_v Q3_K/Q4_K become Q5_K;
@@ -176,6 +178,7 @@ def tensor_type(
     n_head: int,
     n_head_kv: int,
     i_layer: int | None = None,
+    tied_embeddings: bool = False,
 ) -> Q:
     """The ggml type llama.cpp's quantizer gives tensor `name` under `preset`.
 
@@ -186,6 +189,7 @@ def tensor_type(
         n_layers, n_head, n_head_kv: the model's hyper-parameters (params.json's n_layers,
             n_heads, n_kv_heads or n_heads).
         i_layer: the layer of a `blk.N.*` tensor; read from the name when not given.
+        tied_embeddings: the model has no output.weight (llama.cpp uses token_embd as the output).
 
     Returns:
         The GGMLQuantizationType to write the tensor as.
@@ -201,7 +205,7 @@ def tensor_type(
         return p.default_type
     ncols = shape[-1]
 
-    if name == "output.weight":
+    if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
         if p.default_type == Q.Q8_0 or not _fits(p.default_type, ncols):
             return _fallback(Q.Q8_0, ncols)
         return _fallback(Q.Q6_K, ncols)

@@ -1,10 +1,10 @@
 """What a model needs, read from its GGUF header only: shapes, and bytes per layer.
 
 The planner works from a `ModelDesc`. `read_model_desc` fills one from a real file's header
-(llamalocal.gguf_header: tensor data and the vocabulary are never read).
-`reference_model` builds one for the real LLaMA sizes at a preset, from the per-tensor types
-llama.cpp's quantizer would choose (convert.presets.tensor_type) — no file needed, which is what
-`requirements` and the planner tests use.
+(llamalocal.gguf_header: tensor data and the vocabulary are never read). `reference_model` builds
+one for the sizes Meta published (convert.families.PUBLISHED) at a preset, from the per-tensor
+types llama.cpp's quantizer would choose (convert.presets.tensor_type) — no file needed, which is
+what `requirements` and the planner tests use.
 """
 
 from __future__ import annotations
@@ -166,27 +166,16 @@ def read_model_desc(path: str | Path) -> ModelDesc:
 # the real LLaMA sizes, header-only
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Shape:
-    n_embd: int
-    n_layers: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_ctx_train: int
-    family: str
-
-
-# Meta's published hyper-parameters (params.json + the FFN size Meta's formula gives).
-REFERENCE_SHAPES: dict[str, _Shape] = {
-    "7B": _Shape(4096, 32, 32, 32, 11008, 2048, "LLaMA"),
-    "13B": _Shape(5120, 40, 40, 40, 13824, 2048, "LLaMA"),
-    "30B": _Shape(6656, 60, 52, 52, 17920, 2048, "LLaMA"),
-    "65B": _Shape(8192, 80, 64, 64, 22016, 2048, "LLaMA"),
-    "70B": _Shape(8192, 80, 64, 8, 28672, 4096, "Llama-2"),
-}
 REFERENCE_QUANTS = ("f16", "q8_0", "q5_1", "q4_0", "q2_k")
-N_VOCAB = 32000
+# The sizes `requirements` lists, as convert.families.PUBLISHED names them ("Llama-3.1 8B").
+REFERENCE_SHAPES = ("LLaMA 7B", "LLaMA 13B", "LLaMA 30B", "LLaMA 65B", "Llama-2 70B",
+                    "Llama-3.2 1B", "Llama-3.2 3B", "Llama-3.1 8B", "Llama-3.1 70B", "Llama-3.1 405B")
+# the short names `reference_model` has always taken
+_ALIASES = {"7B": "LLaMA 7B", "13B": "LLaMA 13B", "30B": "LLaMA 30B", "65B": "LLaMA 65B", "70B": "Llama-2 70B"}
+# Header bytes (metadata, vocabulary) per token of the vocabulary, measured on llamalocal's own
+# files: a sentencepiece vocab (piece, score, type) ~23 bytes, Llama-3's BPE vocab with its
+# 280,147 merges and chat template ~61 bytes.
+_HEADER_BYTES_PER_TOKEN = {"spm": 23.0, "tiktoken": 61.0}
 
 
 def _tensor_bytes(ggml_type, shape: tuple[int, ...]) -> int:
@@ -199,76 +188,86 @@ def _tensor_bytes(ggml_type, shape: tuple[int, ...]) -> int:
     return n // block * nbytes
 
 
-def reference_model(size: str, quant: str) -> ModelDesc:
-    """A header-only description of Meta's LLaMA `size` ('7B' ... '65B', '70B' = Llama-2) at `quant`.
+def _published(size: str):
+    from llamalocal.convert.families import PUBLISHED
+    from llamalocal.errors import BadInputError
 
-    Per-tensor types are the ones llama.cpp's quantizer picks (convert.presets.tensor_type), so
-    the byte counts are those of a real converted file (less its few-MB header).
+    key = _ALIASES.get(size.upper(), size)
+    found = PUBLISHED.get(key) or next((m for k, m in PUBLISHED.items() if k.lower() == key.lower()), None)
+    if found is None:
+        raise BadInputError(f"unknown model size {size!r}; choose one of {', '.join(REFERENCE_SHAPES)} "
+                            f"(or {', '.join(_ALIASES)})")
+    return found
+
+
+def reference_model(size: str, quant: str) -> ModelDesc:
+    """A header-only description of a model Meta published, at `quant`.
+
+    `size` is a name as `requirements` prints it ("LLaMA 13B", "Llama-3.1 8B") or one of the
+    short names 7B ... 65B (LLaMA-1) and 70B (Llama-2). Shapes come from the model's params.json
+    (convert.families.PUBLISHED); per-tensor types are the ones llama.cpp's quantizer picks
+    (convert.presets.tensor_type), so the byte counts are those of a real converted file (less its
+    header). A model whose output is tied to the embeddings has no output.weight: its token_embd
+    is counted once in the parameters and the file, and also as the output layer, which llama.cpp
+    loads as a copy of it where it offloads that layer.
 
     Raises:
         BadInputError: unknown size or preset.
     """
+    from llamalocal.convert.families import expected_shapes, meta_names
     from llamalocal.convert.presets import parse_preset, tensor_type
-    from llamalocal.errors import BadInputError
 
-    key = size.upper()
-    if key not in REFERENCE_SHAPES:
-        raise BadInputError(f"unknown model size {size!r}; choose one of {', '.join(REFERENCE_SHAPES)}")
-    s = REFERENCE_SHAPES[key]
+    m = _published(size)
+    p, family = m.params, m.family
     preset = parse_preset(quant)
-    head_dim = s.n_embd // s.n_head
-    n_kv = head_dim * s.n_head_kv
-    kw = dict(n_layers=s.n_layers, n_head=s.n_head, n_head_kv=s.n_head_kv)
+    kw = dict(n_layers=p.n_layers, n_head=p.n_heads, n_head_kv=p.kv_heads, tied_embeddings=m.tied)
+    shapes = expected_shapes(p, m.n_vocab)
 
     type_bytes: dict[str, int] = {}
-    n_params = 0
-
-    def add(name: str, shape: tuple[int, ...], i_layer: int | None = None) -> tuple[int, str]:
-        nonlocal n_params
-        t = tensor_type(preset, name, shape, i_layer=i_layer, **kw)
-        b = _tensor_bytes(t, shape)
-        tname = t.name.lower()
+    layer_bytes = [0] * p.n_layers
+    layer_type_bytes: list[dict[str, int]] = [{} for _ in range(p.n_layers)]
+    n_params = embd = out = other = 0
+    embd_type = out_type = ""
+    for meta in meta_names(p.n_layers):
+        if m.tied and meta == "output.weight":
+            continue
+        name, _ = family.lookup(meta)  # type: ignore[misc]
+        shape = shapes[meta]
+        t = tensor_type(preset, name, shape, **kw)
+        b, tname = _tensor_bytes(t, shape), t.name.lower()
         type_bytes[tname] = type_bytes.get(tname, 0) + b
         n = 1
         for d in shape:
             n *= d
         n_params += n
-        return b, tname
-
-    # numpy shapes (rows, cols); Meta's names in the comments
-    layer_shapes = {
-        "attn_norm": (s.n_embd,),               # attention_norm
-        "attn_q": (s.n_embd, s.n_embd),         # wq
-        "attn_k": (n_kv, s.n_embd),             # wk
-        "attn_v": (n_kv, s.n_embd),             # wv
-        "attn_output": (s.n_embd, s.n_embd),    # wo
-        "ffn_norm": (s.n_embd,),                # ffn_norm
-        "ffn_gate": (s.n_ff, s.n_embd),         # w1
-        "ffn_down": (s.n_embd, s.n_ff),         # w2
-        "ffn_up": (s.n_ff, s.n_embd),           # w3
-    }
-    layer_bytes, layer_type_bytes = [], []
-    for i in range(s.n_layers):
-        total, by_type = 0, {}
-        for role, shape in layer_shapes.items():
-            b, tname = add(f"blk.{i}.{role}.weight", shape, i)
-            total += b
-            by_type[tname] = by_type.get(tname, 0) + b
-        layer_bytes.append(total)
-        layer_type_bytes.append(by_type)
-    embd, embd_type = add("token_embd.weight", (N_VOCAB, s.n_embd))      # tok_embeddings
-    out, out_type = add("output.weight", (N_VOCAB, s.n_embd))            # output
-    out_norm, _ = add("output_norm.weight", (s.n_embd,))                 # norm
+        if name.startswith("blk."):
+            i = int(name.split(".")[1])
+            layer_bytes[i] += b
+            layer_type_bytes[i][tname] = layer_type_bytes[i].get(tname, 0) + b
+        elif name == "token_embd.weight":
+            embd, embd_type = b, tname
+        else:  # output.weight, output_norm.weight
+            out += b
+            if name == "output.weight":
+                out_type = tname
+    if m.tied:  # as read_model_desc describes a tied file
+        out += embd
+        out_type = embd_type
+    if p.use_scaled_rope:  # rope_freqs.weight: head_dim / 2 f32
+        other = p.head_dim // 2 * 4
+        type_bytes["f32"] = type_bytes.get("f32", 0) + other
 
     return ModelDesc(
-        name=f"{s.family} {key} {preset.name}", arch="llama", n_layers=s.n_layers, n_embd=s.n_embd,
-        n_head=s.n_head, n_head_kv=s.n_head_kv, n_ff=s.n_ff, n_vocab=N_VOCAB, n_ctx_train=s.n_ctx_train,
+        name=f"{m.label} {preset.name}", arch="llama", n_layers=p.n_layers, n_embd=p.dim,
+        n_head=p.n_heads, n_head_kv=p.kv_heads, n_ff=p.hidden_dim, n_vocab=m.n_vocab, n_ctx_train=family.n_ctx,
         file_type=preset.name, file_bytes=0, layer_bytes=layer_bytes, token_embd_bytes=embd,
-        output_bytes=out + out_norm, other_bytes=0, tensor_type_bytes=type_bytes, n_params=n_params,
+        output_bytes=out, other_bytes=other, tensor_type_bytes=type_bytes, n_params=n_params,
         layer_type_bytes=layer_type_bytes, output_type=out_type, token_embd_type=embd_type,
     )
 
 
 def reference_file_bytes(desc: ModelDesc) -> int:
-    """The file size of a reference model: tensors plus the header llamalocal writes (vocab ~0.7 MB)."""
-    return desc.weights_bytes + 750_000
+    """The file size of a reference model: its tensors (a tied embedding once) plus the header
+    llamalocal writes (about 0.74 MB for a 32000-piece vocabulary, 7.8 MB for Llama-3's)."""
+    kind = "tiktoken" if desc.n_vocab >= 128_000 else "spm"
+    return sum(desc.tensor_type_bytes.values()) + int(desc.n_vocab * _HEADER_BYTES_PER_TOKEN[kind])

@@ -2,6 +2,8 @@
 
 A MODEL argument is a path (a .gguf file or a directory) or a name under the models directory
 (`13B`, `llama-2-7b`). Default models directory: $LLAMALOCAL_MODELS, else the current directory.
+A name not found there is looked up under ~/.llama/checkpoints, where Meta's `llama model
+download` puts Llama-3.x models (`Llama3.1-8B-Instruct`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from pathlib import Path
 from llamalocal.errors import ModelNotFoundError
 
 GGUF_SUFFIX = ".gguf"
+META_CHECKPOINTS = Path("~/.llama/checkpoints")  # Meta's downloader (llama-stack / llama-models)
+
+
+def meta_checkpoints() -> Path:
+    return META_CHECKPOINTS.expanduser()
 
 
 def models_dir(explicit: Path | None = None) -> Path:
@@ -34,11 +41,12 @@ def resolve_model_dir(model: str | Path, models_root: Path | None = None) -> Pat
     if p.is_dir():
         return p
     root = models_dir(models_root)
-    candidate = root / str(model)
-    if candidate.is_dir():
-        return candidate
+    candidates = [root / str(model), meta_checkpoints() / str(model)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
     raise ModelNotFoundError(
-        f"no model directory {str(model)!r} (looked at {p} and {candidate}); "
+        f"no model directory {str(model)!r} (looked at {p}, {candidates[0]} and {candidates[1]}); "
         "pass the directory holding params.json and consolidated.*.pth, or set --models-dir"
     )
 
@@ -62,7 +70,7 @@ def resolve_gguf(model: str | Path | None, models_root: Path | None = None) -> P
             )
         return newest
     p = Path(model).expanduser()
-    for candidate in (p, root / str(model)):
+    for candidate in (p, root / str(model), meta_checkpoints() / str(model)):
         if candidate.is_file():
             return candidate
         if candidate.is_dir():

@@ -1,14 +1,29 @@
 """Conversion speed and memory: `llamalocal convert --q4_0` against llama.cpp's own pipeline.
 
-The peer is what a llama.cpp user runs on a Meta download: `examples/convert_legacy_llama.py`
-(from the llama-cpp-python source distribution) to an f16 GGUF, then `llama_model_quantize` to
-q4_0. Both run in the same session on the same synthetic checkpoint with LLaMA-7B tensor shapes
-(dim 4096, FFN 11008, 32 heads, vocab 32000; fewer layers), each as a child process whose wall time
-and peak RSS (VmHWM, polled) are measured, alternating for --rounds rounds so that a noisy
-neighbour shows as spread rather than as one lucky or unlucky figure.
+The peer is what a llama.cpp user runs on a Meta download:
 
-    python scripts/bench_convert.py                    # 16 layers (~6.5 GB fp16 checkpoint)
+- LLaMA-1/Llama-2 (`--family llama1`, the default): `examples/convert_legacy_llama.py` (from the
+  llama-cpp-python source distribution) to an f16 GGUF, then `llama_model_quantize` to q4_0.
+  Synthetic checkpoint with LLaMA-7B tensor shapes (dim 4096, FFN 11008, 32 heads, vocab 32000,
+  fp16; 16 layers by default).
+- Llama-3.x (`--family llama3`): llama.cpp has no converter for Meta's Llama-3 layout; its
+  maintainers send users through transformers' `convert_llama_weights_to_hf.py` (from the last
+  transformers 4.x wheel that ships it, 4.47.1) to a Hugging Face folder, then the sdist's
+  `convert_hf_to_gguf.py --outtype f16`, then `llama_model_quantize`. Those run in a separate
+  venv (torch 2.13.0 CPU, transformers 4.57.6 as the sdist's requirements pin it), made once under
+  the peer cache. Synthetic checkpoint with Llama-3.1-8B tensor shapes (dim 4096, FFN 14336, 32
+  heads, 8 KV heads, vocab 128256, bf16 as Meta ships it, Meta's real tokenizer; 8 layers by
+  default, as the peer holds the whole checkpoint in RAM twice).
+
+Both pipelines run in the same session on the same checkpoint, each step as a child process whose
+wall time and peak RSS (VmHWM, polled) are measured, alternating for --rounds rounds so that a
+noisy neighbour shows as spread rather than as one lucky or unlucky figure. At the end the two
+q4_0 files are compared tensor by tensor.
+
+    python scripts/bench_convert.py                    # LLaMA-7B shapes, 16 layers (~6.5 GB fp16)
     python scripts/bench_convert.py --layers 4 --work /tmp/bc
+    python scripts/bench_convert.py --family llama3    # Llama-3.1-8B shapes, 8 layers (~5.6 GB bf16)
+    python scripts/bench_convert.py --family llama3 --layers 1 --rounds 1   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -17,14 +32,23 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from peer_tools import llama_cpp_source  # noqa: E402
+from peer_tools import cache_dir, llama_cpp_source  # noqa: E402
+
+# The Llama-3 peer's venv: what the sdist's requirements-convert_hf_to_gguf.txt pins, except torch,
+# which is the CPU build this project tests with; accelerate for the HF script's low-memory load.
+HF_PEER_PACKAGES = ["torch==2.13.0", "transformers==4.57.6", "numpy~=2.2.6", "sentencepiece>=0.1.98,<0.3.0",
+                    "protobuf>=4.21.0,<5.0.0", "tiktoken", "accelerate"]
+HF_SCRIPT_WHEEL = "transformers==4.47.1"  # the last 4.x wheel with models/llama/convert_llama_weights_to_hf.py
+HF_SCRIPT = "transformers/models/llama/convert_llama_weights_to_hf.py"
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
@@ -54,14 +78,64 @@ def settle_cache(files: list[Path], cold: bool) -> str:
     return "warm page cache"
 
 
+def hf_peer() -> tuple[Path, Path]:
+    """(python of the peer venv, transformers' convert_llama_weights_to_hf.py), made once in the cache."""
+    root = cache_dir() / "hf-peer"
+    py, script = root / "venv" / "bin" / "python", root / "convert_llama_weights_to_hf.py"
+    if not py.is_file():
+        print(f"creating the Llama-3 peer venv in {root / 'venv'} ({', '.join(HF_PEER_PACKAGES)}) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *HF_PEER_PACKAGES], check=True)
+    if not script.is_file():
+        wheels = root / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", HF_SCRIPT_WHEEL, "-d", str(wheels)],
+                       check=True)
+        wheel = next(wheels.glob("transformers-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            script.write_bytes(z.read(HF_SCRIPT))
+    return py, script
+
+
+def llama3_tokenizer() -> Path:
+    """Meta's Llama-3 tokenizer.model: ../shared's copy, else the identical one llama-models ships."""
+    shared = REPO.parent / "shared/fixtures/llama3-tokenizer/tokenizer.model"
+    if shared.is_file():
+        return shared
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or spec.origin is None:
+        raise SystemExit("no Llama-3 tokenizer.model: ../shared is absent and llama-models is not installed")
+    return Path(spec.origin).parent / "llama3" / "tokenizer.model"
+
+
+def compare_outputs(ours: Path, peer: Path) -> str:
+    """How many tensors of the two q4_0 files hold the same bytes (by name)."""
+    import gguf
+    import numpy as np
+
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(peer)).tensors}
+    same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
+            and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
+    only = sorted(set(a) ^ set(b))
+    return (f"{len(same)} of {len(a)} tensors byte-identical to the peer's"
+            + (f"; in one file only: {only[:4]}" if only else "")
+            + (f"; differing: {sorted(set(a) & set(b) - set(same))[:4]}" if len(same) < len(set(a) & set(b)) else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--family", choices=["llama1", "llama3"], default="llama1",
+                    help="llama1: LLaMA-7B shapes vs convert_legacy_llama.py; llama3: Llama-3.1-8B shapes vs "
+                    "transformers' converter + convert_hf_to_gguf.py")
+    ap.add_argument("--layers", type=int, default=None, help="default 16 (llama1) or 8 (llama3)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamalocal-bench-convert"))
     ap.add_argument("--sdist", type=Path, default=None,
                     help="an already downloaded llama-cpp-python sdist (tarball or folder); default: fetched once by pip")
-    ap.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/llama-tokenizer/tokenizer.model",
-                    help="a 32000-piece tokenizer.model (else one is trained, with a smaller vocab)")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="llama1: a 32000-piece tokenizer.model (default ../shared's, else one is trained, with a "
+                    "smaller vocab); llama3: Meta's Llama-3 tokenizer.model (default ../shared's or llama-models')")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--rounds", type=int, default=3, help="measure both pipelines this many times (default 3)")
     ap.add_argument("--warm", action="store_true", help="start each run with the checkpoint in the page cache "
@@ -71,14 +145,24 @@ def main() -> None:
     from llamalocal.convert.params import ModelParams
     from llamalocal.convert.sample import SampleSpec, build_sample
 
+    llama3 = a.family == "llama3"
+    layers = a.layers or (8 if llama3 else 16)
     llama_cpp_src = llama_cpp_source(a.sdist)
     a.work.mkdir(parents=True, exist_ok=True)
-    model = a.work / "7B"
-    p = ModelParams(dim=4096, n_layers=a.layers, n_heads=32, multiple_of=256, norm_eps=1e-6)
+    if llama3:
+        name, shapes, dtype = "Llama3.1-8B", "Llama-3.1-8B shapes", "bf16"
+        p = ModelParams(dim=4096, n_layers=layers, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+        spec, tok = SampleSpec(params=p, dtype=dtype), a.tokenizer or llama3_tokenizer()
+    else:
+        name, shapes, dtype = "7B", "LLaMA-7B shapes", "fp16"
+        p = ModelParams(dim=4096, n_layers=layers, n_heads=32, multiple_of=256, norm_eps=1e-6)
+        default_tok = REPO.parent / "shared/fixtures/llama-tokenizer/tokenizer.model"
+        spec, tok = SampleSpec(params=p, vocab_size=8000), a.tokenizer or (default_tok if default_tok.is_file() else None)
+    model = a.work / name
     if not (model / "params.json").is_file():
-        print(f"building a LLaMA-7B-shaped checkpoint with {a.layers} layers in {model} ...", file=sys.stderr)
-        tok = a.tokenizer if a.tokenizer.is_file() else None
-        build_sample(a.work, "7B", SampleSpec(params=p, vocab_size=8000), tokenizer=tok)
+        print(f"building a checkpoint with {shapes} and {layers} layers in {model} ...", file=sys.stderr)
+        build_sample(a.work, name, spec, tokenizer=tok)
     ckpt_bytes = sum(f.stat().st_size for f in model.glob("consolidated.*.pth"))
     for f in a.work.glob("*.gguf"):
         f.unlink()
@@ -88,15 +172,32 @@ def main() -> None:
     ours_cmd = [sys.executable, "-m", "llamalocal", "convert", str(model), "--q4_0", "--outfile", str(ours_out),
                 "--quiet", "--force"]
     env = dict(os.environ, PYTHONPATH=str(llama_cpp_src / "gguf-py"))
-    peer_convert = [sys.executable, str(llama_cpp_src / "examples/convert_legacy_llama.py"), str(model),
-                    "--outtype", "f16", "--vocab-dir", str(a.work), "--outfile", str(peer_f16)]
     quant = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
              "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
              "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
-    peer_quantize = [sys.executable, "-c", quant, str(peer_f16), str(peer_q4)]
+    peer_quantize = ("llama_model_quantize q4_0", [sys.executable, "-c", quant, str(peer_f16), str(peer_q4)], None)
+    hf_dir = a.work / "peer-hf"
+    if llama3:
+        py, script = hf_peer()
+        peer_steps = [
+            ("transformers convert_llama_weights_to_hf.py", [str(py), str(script), "--input_dir", str(model),
+             "--num_shards", str(len(shards)), "--llama_version", "3.1", "--output_dir", str(hf_dir)], None),
+            ("convert_hf_to_gguf.py --outtype f16", [str(py), str(llama_cpp_src / "convert_hf_to_gguf.py"),
+             str(hf_dir), "--outtype", "f16", "--outfile", str(peer_f16)], env),
+            peer_quantize,
+        ]
+        steps_label = "(hf + f16 + quantize)"
+    else:
+        peer_steps = [
+            ("convert_legacy_llama.py --outtype f16", [sys.executable,
+             str(llama_cpp_src / "examples/convert_legacy_llama.py"), str(model), "--outtype", "f16", "--vocab-dir",
+             str(a.work), "--outfile", str(peer_f16)], env),
+            peer_quantize,
+        ]
+        steps_label = "(f16 + quantize)"
 
     gib = 2**30
-    rows = []  # per round: (ours, ours + md5, peer convert, peer quantize) as (seconds, peak RSS)
+    rows = []  # per round: (ours, ours + md5, [peer steps]) as (seconds, peak RSS)
     for r in range(a.rounds):
         cache_state = settle_cache(shards, cold=not a.warm)
         print(f"round {r + 1}/{a.rounds}: llamalocal convert --q4_0 --no-verify ({cache_state}) ...", file=sys.stderr)
@@ -105,25 +206,27 @@ def main() -> None:
         print("  llamalocal convert --q4_0 (with md5 verification, the default) ...", file=sys.stderr)
         verified = run_measured(ours_cmd)
         settle_cache(shards, cold=not a.warm)
-        print("  peer: convert_legacy_llama.py --outtype f16 ...", file=sys.stderr)
-        conv = run_measured(peer_convert, env=env)
-        print("  peer: llama_model_quantize q4_0 ...", file=sys.stderr)
-        q = run_measured(peer_quantize)
+        steps = []
+        for label, cmd, step_env in peer_steps:
+            print(f"  peer: {label} ...", file=sys.stderr)
+            steps.append(run_measured(cmd, env=step_env))
         peer_f16.unlink()
-        rows.append((ours, verified, conv, q))
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        rows.append((ours, verified, steps))
 
-    print(f"\ncheckpoint: LLaMA-7B shapes, {a.layers} layers, {ckpt_bytes / gib:.2f} GiB fp16; "
+    print(f"\ncheckpoint: {shapes}, {layers} layers, {ckpt_bytes / gib:.2f} GiB {dtype}; "
           f"{os.cpu_count()} CPUs; every run started with a {cache_state}")
-    print(f"{'round':>5}{'ours s':>9}{'+md5 s':>9}{'peer s':>9}{'(f16 + quantize)':>19}"
+    print(f"{'round':>5}{'ours s':>9}{'+md5 s':>9}{'peer s':>9}{steps_label:>24}"
           f"{'speed':>8}{'+md5':>7}{'ours RSS':>10}{'peer RSS':>10}{'RSS ratio':>10}")
     speeds, verified_speeds, rss_ratios = [], [], []
-    for i, (ours, verified, conv, q) in enumerate(rows, start=1):
-        peer_t, peer_rss = conv[0] + q[0], max(conv[1], q[1])
+    for i, (ours, verified, steps) in enumerate(rows, start=1):
+        peer_t, peer_rss = sum(s[0] for s in steps), max(s[1] for s in steps)
         ours_rss = max(ours[1], verified[1])
         speeds.append(peer_t / ours[0])
         verified_speeds.append(peer_t / verified[0])
         rss_ratios.append(ours_rss / peer_rss)
-        print(f"{i:>5}{ours[0]:9.1f}{verified[0]:9.1f}{peer_t:9.1f}{f'({conv[0]:.1f} + {q[0]:.1f})':>19}"
+        parts = "(" + " + ".join(f"{s[0]:.1f}" for s in steps) + ")"
+        print(f"{i:>5}{ours[0]:9.1f}{verified[0]:9.1f}{peer_t:9.1f}{parts:>24}"
               f"{speeds[-1]:7.2f}x{verified_speeds[-1]:6.2f}x{ours_rss / gib:9.2f}G{peer_rss / gib:9.2f}G"
               f"{rss_ratios[-1]:9.3f}x")
     print(f"\nspeed, like for like (--no-verify; the peer verifies no checksums): worst {min(speeds):.2f}x, "
@@ -131,7 +234,10 @@ def main() -> None:
     print(f"speed with md5 verification of the {ckpt_bytes / gib:.1f} GiB (the default): worst "
           f"{min(verified_speeds):.2f}x, median {statistics.median(verified_speeds):.2f}x")
     print(f"peak RSS: worst {max(rss_ratios):.3f}x the peer's (goal <= 0.25x)")
+    print("peak RSS per peer step (worst round): " + ", ".join(
+        f"{label} {max(r[2][j][1] for r in rows) / gib:.2f}G" for j, (label, _, _) in enumerate(peer_steps)))
     print(f"output sizes: ours {ours_out.stat().st_size / gib:.3f} GiB, peer {peer_q4.stat().st_size / gib:.3f} GiB")
+    print(f"outputs: {compare_outputs(ours_out, peer_q4)}")
     if not a.keep:
         shutil.rmtree(a.work)
 

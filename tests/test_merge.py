@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from llamalocal.convert.families import COLUMN, ROW
 from llamalocal.convert.merge import ShardSlice, blocks, merged_shape
-from llamalocal.convert.tensor_names import COLUMN, ROW
 from llamalocal.errors import CheckpointError
 
 

@@ -98,13 +98,14 @@ def test_requirements_json(runner):
     r = runner.invoke(main, ["requirements", "--gpu-mem", "24GiB", "--ram", "64GiB", "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)["rows"]
-    assert len(rows) == 25
+    assert len(rows) == 50  # 10 models x 5 presets
     for row in rows:
         assert {"model", "quant", "file_bytes", "n_layers", "n_gpu_layers", "fits"} <= row.keys()
     by = {(row["model"], row["quant"]): row for row in rows}
     assert by[("LLaMA 13B", "q4_0")]["fits"] == "gpu"
     assert by[("LLaMA 65B", "q4_0")]["fits"] == "partial"
     assert by[("LLaMA 65B", "f16")]["fits"] == "no"
+    assert by[("Llama-3.2 1B", "q4_0")]["fits"] == "gpu" and by[("Llama-3.1 405B", "q2_k")]["fits"] == "no"
 
 
 def test_requirements_table(runner):

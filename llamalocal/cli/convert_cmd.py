@@ -62,16 +62,22 @@ def _preset_flags(f):
               help="Hash every file listed in checklist.chk, even those verified by an earlier conversion and "
                    "unchanged since (which are otherwise taken as verified).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
-              help="Context length to record. Default: 2048 (LLaMA-1), 4096 (Llama-2), 16384 (Code Llama).")
+              help="Context length to record. Default: 2048 (LLaMA-1), 4096 (Llama-2), 16384 (Code Llama), "
+                   "8192 (Llama-3), 131072 (Llama-3.1 and later).")
+@click.option("--rope-scaling-factor", type=click.FloatRange(min=1.0), default=None,
+              help="Meta's scaled-rope factor for Llama-3.1 and later. Default: 8, and 32 for Llama-3.2 1B/3B "
+                   "(recognised by their shapes or folder name).")
 @threads_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr).")
 @models_dir_option
 def convert(model: str, preset_flag: str | None, preset_type: str | None, outfile: Path | None, force: bool,
-            no_verify: bool, reverify: bool, n_ctx: int | None, threads: int | None, quiet: bool, models_dir: Path | None) -> None:
+            no_verify: bool, reverify: bool, n_ctx: int | None, rope_scaling_factor: float | None,
+            threads: int | None, quiet: bool, models_dir: Path | None) -> None:
     """Convert a Meta LLaMA checkpoint to one GGUF file, quantized in one streaming pass.
 
     MODEL is a folder with params.json and consolidated.NN.pth files (tokenizer.model there or in
-    its parent), or a name under --models-dir such as 13B or llama-2-7b-chat.
+    its parent), or a name under --models-dir such as 13B or llama-2-7b-chat, or under
+    ~/.llama/checkpoints (Meta's downloader) such as Llama3.1-8B-Instruct.
 
     \b
     Presets (smaller = faster and less RAM, with some quality loss):
@@ -86,6 +92,7 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
     Examples:
       llamalocal convert 13B --q4_0
       llamalocal convert ~/llama/llama-2-7b-chat --q5_k_m -o chat-q5.gguf
+      llamalocal convert Llama3.1-8B-Instruct --q4_k_m
     """
     from llamalocal.convert.convert import convert as run_convert
     from llamalocal.convert.presets import parse_preset
@@ -101,8 +108,7 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
         if no_verify and reverify:
             raise BadInputError("--verify and --no-verify contradict each other; give one")
         result = run_convert(model_dir, preset, outfile, force=force, verify=not no_verify, reverify=reverify,
-                             n_ctx=n_ctx,
-                             threads=threads, progress=bar)
+                             n_ctx=n_ctx, threads=threads, rope_scaling_factor=rope_scaling_factor, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -115,6 +121,20 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
             f"Wrote {result.path} ({result.preset}): {_count(result.n_params)} parameters, "
             f"{human_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
             f"{result.seconds:.1f} s", err=True)
+        click.echo(f"Model: {_describe(result, rope_scaling_factor)}", err=True)
+
+
+def _describe(result, override: float | None) -> str:
+    """'Llama-3.2, context 131072, rope scaling factor 32 (Llama-3.2's), output tied to the embeddings'."""
+    parts = [result.family, f"context {result.n_ctx}"]
+    if result.rope_scaling_factor is not None:
+        source = "--rope-scaling-factor" if override is not None else f"{result.family}'s"
+        parts.append(f"rope scaling factor {result.rope_scaling_factor:g} ({source})")
+    if result.tied_embeddings:
+        parts.append("output tied to the embeddings")
+    if result.kv_replicas > 1:
+        parts.append(f"KV heads copied over {result.kv_replicas} shards each, written once")
+    return ", ".join(parts)
 
 
 COMMANDS = [convert]

@@ -107,7 +107,11 @@ def plan(model, n_ctx, n_gpu_layers, threads, cache_type, mlock, gpu_mem, unifie
 @hypothetical_options
 @json_option
 def requirements(n_ctx, cache_type, gpu_mem, unified, ram, as_json):
-    """What LLaMA 7B-65B and Llama-2 70B need at each preset, and what this machine can do with them."""
+    """What Meta's models need at each preset, and what this machine can do with them.
+
+    LLaMA 7B-65B, Llama-2 70B, Llama-3.2 1B/3B, Llama-3.1 8B/70B/405B: file size, memory at the
+    context (default each model's own, at most 4096; the KV cache grows with --ctx).
+    """
     from llamalocal import planner
     from llamalocal.model_desc import (
         REFERENCE_QUANTS,
@@ -136,10 +140,10 @@ def requirements(n_ctx, cache_type, gpu_mem, unified, ram, as_json):
         return
     verdict = {"gpu": "all on GPU", "cpu": "CPU only", "no": "does not fit, will page from disk"}
     click.echo(f"hardware: {hw.source}")
-    click.echo(f"{'model':<14}{'quant':<7}{'file':>10}{'ctx':>6}{'memory':>11}  this machine")
+    click.echo(f"{'model':<16}{'quant':<7}{'file':>10}{'ctx':>7}{'memory':>11}  this machine")
     for r in rows:
         what = verdict.get(r["fits"], f"{r['n_gpu_layers']}/{r['n_layers'] + 1} layers on GPU")
-        click.echo(f"{r['model']:<14}{r['quant']:<7}{gb(r['file_bytes']):>10}{r['n_ctx']:>6}"
+        click.echo(f"{r['model']:<16}{r['quant']:<7}{gb(r['file_bytes']):>10}{r['n_ctx']:>7}"
                    f"{gb(r['memory_bytes']):>11}  {what}")
 
 

@@ -1,0 +1,91 @@
+"""The tied-embedding rule (Llama-3.2 1B/3B: no output.weight) against llama.cpp's quantizer.
+
+As tests/test_presets.py does for the other rules: small F32 llama GGUFs without output.weight,
+quantized by llama.cpp's own `llama_model_quantize` at every preset; token_embd must get the type
+`tensor_type(..., tied_embeddings=True)` names and the bytes our quantizer writes. An untied
+twin shows the rule is what makes the difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed to run llama.cpp's quantizer")
+
+import gguf  # noqa: E402
+
+from llamalocal.convert.presets import PRESETS, Preset, tensor_type  # noqa: E402
+from llamalocal.convert.quantize import quantize_rows  # noqa: E402
+
+N_LAYERS, N_HEAD, N_HEAD_KV = 2, 4, 2
+
+
+def _write(path: Path, dim: int, vocab: int, tied: bool, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    kv, ffn = dim // N_HEAD * N_HEAD_KV, 2 * dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, dim)
+    for i in range(N_LAYERS):
+        shapes |= {f"blk.{i}.attn_norm.weight": (dim,), f"blk.{i}.attn_q.weight": (dim, dim),
+                   f"blk.{i}.attn_k.weight": (kv, dim), f"blk.{i}.attn_v.weight": (kv, dim),
+                   f"blk.{i}.attn_output.weight": (dim, dim), f"blk.{i}.ffn_norm.weight": (dim,),
+                   f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_down.weight": (dim, ffn),
+                   f"blk.{i}.ffn_up.weight": (ffn, dim)}
+    tensors = {n: (1.0 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s))
+               .astype(np.float32) for n, s in shapes.items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(dim)
+    w.add_block_count(N_LAYERS)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_rope_dimension_count(dim // N_HEAD)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (vocab - 3))
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+def _quantize(src: Path, dst: Path, preset: Preset) -> gguf.GGUFReader:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(preset.ftype)
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+    return gguf.GGUFReader(str(dst))
+
+
+# rows of 256 (every k-quant fits) and of 288 (Q6_K does not: llama.cpp falls back)
+@pytest.mark.parametrize("dim", [256, 288])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_token_embd_of_a_tied_model_as_llama_quantize(tmp_path, preset, dim):
+    p = PRESETS[preset]
+    chosen = {}
+    for tied in (True, False):
+        src = tmp_path / f"{tied}.gguf"
+        tensors = _write(src, dim, 64, tied, seed=dim)
+        reader = _quantize(src, tmp_path / f"{tied}-{preset}.gguf", p)
+        assert ("output.weight" in {t.name for t in reader.tensors}) is not tied
+        t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        ours = tensor_type(p, t.name, (64, dim), n_layers=N_LAYERS, n_head=N_HEAD, n_head_kv=N_HEAD_KV,
+                           tied_embeddings=tied)
+        assert ours == t.tensor_type, (tied, ours.name, gguf.GGMLQuantizationType(t.tensor_type).name)
+        got = np.asarray(t.data).view(np.uint8).reshape(-1)
+        assert np.array_equal(quantize_rows(tensors[t.name], ours), got)
+        chosen[tied] = ours
+    if preset == "q4_0":  # the rule matters: the output's Q6_K (Q8_0 for rows of 288), not Q4_0
+        assert chosen[False] == gguf.GGMLQuantizationType.Q4_0 and chosen[True] != chosen[False]
