@@ -200,7 +200,8 @@ def bytes_per_token(desc: Any) -> int:
     """Weight bytes read per generated token, from a model_desc.ModelDesc: every weight once,
     except tok_embeddings, of which only the token's own row is read."""
     row = desc.token_embd_bytes // desc.n_vocab if desc.n_vocab else desc.token_embd_bytes
-    return desc.weights_bytes - desc.token_embd_bytes + row
+    # a tied output matrix is the embedding, read whole for every token
+    return desc.weights_bytes - desc.token_embd_bytes + (desc.token_embd_bytes if desc.tied_output else row)
 
 
 # ---------------------------------------------------------------------------------------------

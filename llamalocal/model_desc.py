@@ -36,16 +36,18 @@ class ModelDesc:
     layer_bytes: list[int]              # blk.N.* tensors, per layer
     token_embd_bytes: int               # always stays on the CPU in llama.cpp
     output_bytes: int                   # output.weight + output_norm.weight: "the output layer"
+                                        # (tied: output_norm only; the matrix is token_embd's)
     other_bytes: int                    # anything else (rope_freqs, ...)
     tensor_type_bytes: dict[str, int]   # ggml type name -> bytes of tensors of that type
     n_params: int
     # per layer, ggml type name -> bytes
     layer_type_bytes: list[dict[str, int]] = field(default_factory=list)
     n_merges: int = 0                   # BPE merges in the vocabulary (Llama 3: 280147)
+    tied_output: bool = False           # no output.weight: token_embd is the output matrix too
     # the tensors in file order, as (layer, ggml type, bytes); layer -1 is token_embd, n_layers the
     # output layer, -2 anything else. Empty for reference models (no file).
     file_order: list[tuple[int, str, int]] = field(default_factory=list)
-    output_type: str = ""               # ggml type of output.weight ("" when tied to token_embd)
+    output_type: str = ""               # ggml type of output.weight (token_embd's when tied)
     token_embd_type: str = ""
 
     @property
@@ -55,6 +57,12 @@ class ModelDesc:
     @property
     def weights_bytes(self) -> int:
         return sum(self.layer_bytes) + self.token_embd_bytes + self.output_bytes + self.other_bytes
+
+    @property
+    def offloaded_output_bytes(self) -> int:
+        """The output layer's weights on a device it is offloaded to: its own, plus a copy of
+        token_embd when tied (llama.cpp loads one there; on the CPU the one tensor serves both)."""
+        return self.output_bytes + (self.token_embd_bytes if self.tied_output else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +154,8 @@ def read_model_desc(path: str | Path) -> ModelDesc:
                 output_type = tname
         else:
             other += nbytes
-    if not output_type:
-        # tied embeddings: llama.cpp reuses token_embd as the output matrix
-        output += token_embd
+    tied = not output_type  # llama.cpp reuses token_embd as the output matrix
+    if tied:
         output_type = token_embd_type
 
     name = h.get(gguf.Keys.General.NAME) or p.stem
@@ -158,7 +165,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
         layer_bytes=layer_bytes, token_embd_bytes=token_embd, output_bytes=output, other_bytes=other,
         tensor_type_bytes=type_bytes, n_params=n_params, layer_type_bytes=layer_type_bytes,
         output_type=output_type, token_embd_type=token_embd_type,
-        n_merges=len(merges) if merges is not None else 0, file_order=order,
+        n_merges=len(merges) if merges is not None else 0, file_order=order, tied_output=tied,
     )
 
 
@@ -251,7 +258,6 @@ def reference_model(size: str, quant: str) -> ModelDesc:
             if name == "output.weight":
                 out_type = tname
     if m.tied:  # as read_model_desc describes a tied file
-        out += embd
         out_type = embd_type
     if p.use_scaled_rope:  # rope_freqs.weight: head_dim / 2 f32
         other = p.head_dim // 2 * 4
@@ -262,8 +268,14 @@ def reference_model(size: str, quant: str) -> ModelDesc:
         n_head=p.n_heads, n_head_kv=p.kv_heads, n_ff=p.hidden_dim, n_vocab=m.n_vocab, n_ctx_train=family.n_ctx,
         file_type=preset.name, file_bytes=0, layer_bytes=layer_bytes, token_embd_bytes=embd,
         output_bytes=out, other_bytes=other, tensor_type_bytes=type_bytes, n_params=n_params,
-        layer_type_bytes=layer_type_bytes, output_type=out_type, token_embd_type=embd_type,
+        layer_type_bytes=layer_type_bytes, output_type=out_type, token_embd_type=embd_type, tied_output=m.tied,
+        n_merges=LLAMA3_MERGES if family.tokenizer == "tiktoken" else 0,
     )
+
+
+# merges rebuilt from Meta's Llama-3 tokenizer.model (tests/test_tokenizer_llama3.py checks the count
+# against llama.cpp's own ggml-vocab-llama-bpe.gguf)
+LLAMA3_MERGES = 280147
 
 
 def reference_file_bytes(desc: ModelDesc) -> int:

@@ -362,14 +362,16 @@ def _place(model: ModelDesc, hw: Hardware, where: list[int], targets: list[Devic
     cpu_output = False
     for il, j in enumerate(where):
         is_output = il == model.n_layers
-        w = model.output_bytes if is_output else model.layer_bytes[il]
+        # a tied output matrix is token_embd itself on the CPU, a copy of it on another device
+        w = ((model.output_bytes if j < 0 else model.offloaded_output_bytes) if is_output
+             else model.layer_bytes[il])
         kv = 0 if is_output else kv_layer
         if j < 0:
             cpu_weights += w
             cpu_kv += kv
             if is_output:
                 cpu_output = True
-                if output_repack and model.output_type in rtypes:
+                if output_repack and not model.tied_output and model.output_type in rtypes:
                     repack += model.output_bytes
             else:
                 cpu_layers += 1

@@ -231,3 +231,16 @@ def test_plan_matches_measured_resident_memory(tmp_path_factory, llama_cpp_src, 
         err = (cpu[key] - peak) / peak
         print(f"{name} {key}: planned {cpu[key] / MiB:.1f} MiB, measured {peak / MiB:.1f} MiB ({err:+.1%})")
         assert abs(err) <= 0.05, f"{name} {key}: planned {cpu[key] / MiB:.1f} MiB, measured {peak / MiB:.1f} MiB"
+
+
+def test_tied_output_is_counted_once_on_the_cpu_and_copied_to_a_gpu():
+    # Llama-3.2 1B ties its output to the embeddings: on the CPU one tensor serves both; a GPU that
+    # gets the output layer gets a copy of token_embd (llama.cpp duplicates it there)
+    desc = reference_model("Llama-3.2 1B", "f16")
+    assert desc.tied_output
+    (cpu,) = P("x86-16gb", "Llama-3.2 1B", "f16").devices
+    assert cpu.weights_bytes == desc.weights_bytes  # f16: nothing repacked
+    gpu, host = P("rtx4090-24gb", "Llama-3.2 1B", "f16").devices
+    # the GPU: every layer, the output norm and a copy of token_embd; the CPU: token_embd, rope_freqs
+    assert gpu.has_output and gpu.weights_bytes == desc.weights_bytes - desc.other_bytes
+    assert host.weights_bytes == desc.token_embd_bytes + desc.other_bytes
