@@ -215,10 +215,11 @@ class _TorchPickler(pickle._Pickler):  # pure-Python: its dispatch table takes o
     dispatch = dict(pickle._Pickler.dispatch)
 
     def _save_marker(self, obj: _Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
+        # write/memoize: the pure-Python pickler's internals, which typeshed does not describe
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
 
-    dispatch[_Global] = _save_marker
+    dispatch[_Global] = _save_marker  # type: ignore[assignment]
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Storage):
@@ -291,7 +292,7 @@ def _layout(tensors: Mapping[str, Any], dtype: str) -> dict[str, _Tensor]:
 
 def _chunks(st: _Storage) -> Iterator[memoryview]:
     for i in range(0, st.numel, _CHUNK):
-        yield memoryview(_convert(st.source[i:i + _CHUNK], st.dtype)).cast("B")
+        yield memoryview(_convert(st.source[i:i + _CHUNK], st.dtype).data).cast("B")
 
 
 # ---------------------------------------------------------------------------------------------

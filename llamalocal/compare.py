@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,7 @@ def _evaluate(path: Path, text: bytes, *, n_ctx: int, chunks: int | None, base: 
         llm.close()
 
 
-def compare(base: str | Path, others: list[str | Path], text: bytes, *, n_ctx: int = DEFAULT_CTX,
+def compare(base: str | Path, others: Sequence[str | Path], text: bytes, *, n_ctx: int = DEFAULT_CTX,
             chunks: int | None = None, n_gpu_layers: int | str = "auto", threads: int | None = None,
             tg_tokens: int = TG_TOKENS, progress: ProgressFn | None = None,
             log: Callable[[str], None] | None = None) -> CompareResult:

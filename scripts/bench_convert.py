@@ -34,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="measure both pipelines this many times (default 3)")
     ap.add_argument("--warm", action="store_true", help="start each run with the checkpoint in the page cache "
                     "(default: dropped from it, as after a download or reboot, where permitted)")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="keep N busy processes running through every measurement (other work on the machine)")
     a = ap.parse_args()
 
     from llamalocal.convert.params import ModelParams
@@ -197,14 +200,31 @@ def main() -> None:
         steps_label = "(f16 + quantize)"
 
     gib = 2**30
-    rows = []  # per round: (ours, ours + md5, [peer steps]) as (seconds, peak RSS)
+    # what md5sum hashes: every file checklist.chk and tokenizer_checklist.chk list (the floor of a verified run)
+    from llamalocal.convert.checklist import read_checklist
+
+    listed = [model / n for n in read_checklist(model / "checklist.chk")]
+    if (a.work / "tokenizer_checklist.chk").is_file():
+        listed += [a.work / n for n in read_checklist(a.work / "tokenizer_checklist.chk")]
+    md5sum_cmd = ["md5sum", *map(str, listed)]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.load)]
+    rows = []  # per round: (ours, ours + md5, md5sum, ours again (verified before), [peer steps])
     for r in range(a.rounds):
         cache_state = settle_cache(shards, cold=not a.warm)
         print(f"round {r + 1}/{a.rounds}: llamalocal convert --q4_0 --no-verify ({cache_state}) ...", file=sys.stderr)
         ours = run_measured(ours_cmd + ["--no-verify"])
         settle_cache(shards, cold=not a.warm)
-        print("  llamalocal convert --q4_0 (with md5 verification, the default) ...", file=sys.stderr)
-        verified = run_measured(ours_cmd)
+        print("  llamalocal convert --q4_0 (with md5 verification, the default; nothing verified before) ...",
+              file=sys.stderr)
+        with tempfile.TemporaryDirectory() as fresh:
+            record_env = dict(os.environ, LLAMALOCAL_CACHE=fresh)
+            verified = run_measured(ours_cmd, env=record_env)
+            settle_cache(shards, cold=not a.warm)
+            print("  llamalocal convert --q4_0 again (the download verified by the run before) ...", file=sys.stderr)
+            again = run_measured(ours_cmd, env=record_env)
+        settle_cache(shards, cold=not a.warm)
+        print("  md5sum of the listed files ...", file=sys.stderr)
+        md5sum = run_measured(md5sum_cmd)
         settle_cache(shards, cold=not a.warm)
         steps = []
         for label, cmd, step_env in peer_steps:
@@ -212,16 +232,21 @@ def main() -> None:
             steps.append(run_measured(cmd, env=step_env))
         peer_f16.unlink()
         shutil.rmtree(hf_dir, ignore_errors=True)
-        rows.append((ours, verified, steps))
+        rows.append((ours, verified, md5sum, again, steps))
+    for b in busy:
+        b.kill()
 
     print(f"\ncheckpoint: {shapes}, {layers} layers, {ckpt_bytes / gib:.2f} GiB {dtype}; "
-          f"{os.cpu_count()} CPUs; every run started with a {cache_state}")
+          f"{os.cpu_count()} CPUs{f', {a.load} busy processes running' if a.load else ''}; every run started with "
+          f"a {cache_state}")
     print(f"{'round':>5}{'ours s':>9}{'+md5 s':>9}{'peer s':>9}{steps_label:>24}"
           f"{'speed':>8}{'+md5':>7}{'ours RSS':>10}{'peer RSS':>10}{'RSS ratio':>10}")
-    speeds, verified_speeds, rss_ratios = [], [], []
-    for i, (ours, verified, steps) in enumerate(rows, start=1):
+    speeds, verified_speeds, rss_ratios, floor_ratios, again_speeds = [], [], [], [], []
+    for i, (ours, verified, md5sum, again, steps) in enumerate(rows, start=1):
+        floor_ratios.append(verified[0] / md5sum[0])
+        again_speeds.append(sum(s[0] for s in steps) / again[0])
         peer_t, peer_rss = sum(s[0] for s in steps), max(s[1] for s in steps)
-        ours_rss = max(ours[1], verified[1])
+        ours_rss = max(ours[1], verified[1], again[1])
         speeds.append(peer_t / ours[0])
         verified_speeds.append(peer_t / verified[0])
         rss_ratios.append(ours_rss / peer_rss)
@@ -233,9 +258,14 @@ def main() -> None:
           f"median {statistics.median(speeds):.2f}x the peer (goal >= 3x)")
     print(f"speed with md5 verification of the {ckpt_bytes / gib:.1f} GiB (the default): worst "
           f"{min(verified_speeds):.2f}x, median {statistics.median(verified_speeds):.2f}x")
+    print(f"verified conversion vs md5sum of the same files: worst {max(floor_ratios):.3f}x, median "
+          f"{statistics.median(floor_ratios):.3f}x md5sum's time (goal <= 1.15x: the hash is the floor); md5sum "
+          f"took {min(r[2][0] for r in rows):.1f}-{max(r[2][0] for r in rows):.1f} s")
+    print(f"converting the same download again (verified before, not re-hashed): worst {min(again_speeds):.2f}x, "
+          f"median {statistics.median(again_speeds):.2f}x the peer")
     print(f"peak RSS: worst {max(rss_ratios):.3f}x the peer's (goal <= 0.25x)")
     print("peak RSS per peer step (worst round): " + ", ".join(
-        f"{label} {max(r[2][j][1] for r in rows) / gib:.2f}G" for j, (label, _, _) in enumerate(peer_steps)))
+        f"{label} {max(r[4][j][1] for r in rows) / gib:.2f}G" for j, (label, _, _) in enumerate(peer_steps)))
     print(f"output sizes: ours {ours_out.stat().st_size / gib:.3f} GiB, peer {peer_q4.stat().st_size / gib:.3f} GiB")
     print(f"outputs: {compare_outputs(ours_out, peer_q4)}")
     if not a.keep:

@@ -65,7 +65,7 @@ def book_text() -> str:
             f = tf.extractfile(member)
             assert f is not None
             raw = f.read()
-    text = raw.decode("utf-8-sig")
+    text = raw.decode("utf-8-sig").replace("\r\n", "\n")
     start = text.index("*** START OF THIS PROJECT GUTENBERG EBOOK")
     start = text.index("\n", start) + 1
     end = text.index("*** END OF THIS PROJECT GUTENBERG EBOOK")
@@ -248,6 +248,8 @@ def main() -> None:
 
     text = book_text()
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELDOUT_FRACTION)))
+    if cut <= 0:
+        raise SystemExit("no paragraph break to split the book at; is the text what the script expects?")
     train_text, heldout = text[:cut].strip() + "\n", text[cut:].strip() + "\n"
     log(f"Botchan: {len(text):,} characters; training on {len(train_text):,}, holding out {len(heldout):,}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,7 +18,7 @@ class _TqdmProgress:
     """Draws the converter's stages as tqdm byte bars on stderr."""
 
     def __init__(self) -> None:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar while a stage runs
 
     def stage(self, name: str, total_bytes: int) -> None:
         from tqdm import tqdm

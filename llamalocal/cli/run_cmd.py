@@ -30,12 +30,13 @@ def _echo_err(msg: str) -> None:
 
 def load_options(f: Callable) -> Callable:
     """The placement and loading flags both verbs share."""
-    for opt in reversed([
+    options: list[Callable[[Callable], Callable]] = [
         models_dir_option, gpu_layers_option, ctx_option, threads_option,
         cache_type_option,
         click.option("--mlock", is_flag=True, help="Lock the model in RAM so the OS cannot page it out."),
         force_option, rpc_options, sampling_options,
-    ]):
+    ]
+    for opt in reversed(options):
         f = opt(f)
     return f
 
