@@ -83,7 +83,9 @@ def sampling_options(f: Callable) -> Callable:
                      help="Sampling temperature; 0 is greedy and deterministic."),
         click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True),
         click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.1, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.1, show_default=True,
+                     help="Penalty on recently generated tokens when sampling; with --temp 0 it applies only "
+                          "if given (greedy decoding is plain argmax)."),
         click.option("--seed", type=int, default=-1, show_default=True, help="-1 picks a random seed."),
     ]):
         f = opt(f)
