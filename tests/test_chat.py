@@ -399,20 +399,6 @@ def test_llama3_gguf_chat_template_gives_metas_tokens(llama3_llm, meta_chat, sys
     assert llama3_llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True) == want
 
 
-@pytest.mark.parametrize(("system", "turns", "pending", "as_text"), [d for d in LLAMA3_DIALOGS if d[3]])
-def test_llama3_through_the_servers_text_formatter(llama3_llm, meta_chat, system, turns, pending, as_text):
-    """The server that joins llamalocal.chat's segments into one text (server.dialog_formatter)
-    needs no change for the llama3 template: same ids as Meta's."""
-    import llamalocal.server as server
-
-    if not hasattr(server, "dialog_formatter"):
-        pytest.skip("this server tokenizes chat through llamalocal.chat.encode, checked by "
-                    "test_llama3_tokens_are_metas_chat_format")
-    want = meta_chat.encode_dialog_prompt(_meta_messages(system, turns, pending)).tokens
-    formatted = server.dialog_formatter(llama3_llm, "llama3")(messages=_openai_messages(system, turns, pending))
-    assert llama3_llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True) == want
-
-
 def test_llama_cpp_recognises_the_llama3_chat_template(llama3_llm):
     """llama-server without --jinja formats by llama.cpp's built-in templates, chosen by looking at
     the GGUF's: ours must be taken for Llama 3 and give the same text (it trims each content)."""
