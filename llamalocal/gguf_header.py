@@ -123,18 +123,16 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int, what: str) -> None:
-        # the one loop that grows with the vocabulary: 8 bytes of length per string, nothing decoded
-        buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
-        for _ in range(count):
-            if pos + 8 > end:
-                break
-            pos += 8 + unpack(buf, pos)[0]
-        else:
-            if pos <= end:
-                self.pos = pos
-                return
-        self.pos = end
-        self.need(1, what)
+        # the one loop that grows with the vocabulary: 8 bytes of length per string, nothing decoded;
+        # a length that runs past the end makes the next unpack fail (struct.error), checked once
+        buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + unpack(buf, pos)[0]
+        except struct.error:
+            pos = self.end + 1
+        self.pos = min(pos, self.end + 1)
+        self.need(0, what)
 
 
 def _value_type(c: _Cursor, what: str) -> GGUFValueType:
