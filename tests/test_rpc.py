@@ -380,7 +380,7 @@ def test_a_worker_killed_mid_generation(rpc_dir, key_file, model, workers):
 
 
 def test_serve_answers_503_after_a_lost_worker(rpc_dir, key_file, model, workers):
-    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e '.[server]')")
     from openai import APIStatusError, OpenAI
 
     doomed = Worker(rpc_dir, "--key-file", str(key_file))
