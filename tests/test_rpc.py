@@ -323,11 +323,11 @@ def test_direct_client_through_an_unkeyed_worker(rpc_dir, model):
     try:
         code = f"""
 from llamalocal.rpc import RpcConfig, parse_endpoints
-from llamalocal.runner import load_model, complete, tokenize_prompt, Sampling
+from llamalocal.runner import load_model, stream_tokens, tokenize_prompt, Sampling
 loaded = load_model({str(model)!r}, n_ctx=256, threads=1, rpc=RpcConfig(parse_endpoints({w.endpoint!r}),
                     tensor_split=[1, 1], direct=True))
-text, _ = complete(loaded.llm, tokenize_prompt(loaded.llm, {PROMPT!r}), max_tokens=48, sampling=Sampling(temp=0))
-print(text, end="")
+print("".join(stream_tokens(loaded.llm, tokenize_prompt(loaded.llm, {PROMPT!r}), max_tokens=48,
+                            sampling=Sampling(temp=0))), end="")
 """
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
         assert r.returncode == 0, r.stderr[-3000:]
