@@ -326,8 +326,8 @@ from llamalocal.rpc import RpcConfig, parse_endpoints
 from llamalocal.runner import load_model, stream_tokens, tokenize_prompt, Sampling
 loaded = load_model({str(model)!r}, n_ctx=256, threads=1, rpc=RpcConfig(parse_endpoints({w.endpoint!r}),
                     tensor_split=[1, 1], direct=True))
-print("".join(stream_tokens(loaded.llm, tokenize_prompt(loaded.llm, {PROMPT!r}), max_tokens=48,
-                            sampling=Sampling(temp=0))), end="")
+tokens = tokenize_prompt(loaded.llm, {PROMPT!r})
+print("".join(stream_tokens(loaded.llm, tokens, max_tokens=48, sampling=Sampling(temp=0))), end="")
 """
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
         assert r.returncode == 0, r.stderr[-3000:]
