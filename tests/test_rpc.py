@@ -379,25 +379,66 @@ def test_a_worker_killed_mid_generation(rpc_dir, key_file, model, workers):
     assert rpc.probe(rpc.parse_endpoint(workers[0].endpoint), rpc.read_key(key_file)).busy_with is None
 
 
-def test_serve_answers_503_after_a_lost_worker(rpc_dir, key_file, model, workers):
-    pytest.importorskip("fastapi")
+class Serving:
+    """`llamalocal serve --port 0` on the workers given, its stderr in a file; `.url` once it listens."""
+
+    def __init__(self, tmp: Path, model: Path, endpoints: list[str], key_file: Path, *extra: str) -> None:
+        self.log_path = tmp / f"serve-{secrets.token_hex(4)}.log"
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llamalocal", "serve", str(model), "--port", "0",
+                                          "--threads", "1", "--ctx", "512", "--rpc", ",".join(endpoints),
+                                          "--rpc-key-file", str(key_file), *extra],
+                                         stdout=subprocess.DEVNULL, stderr=log, env=_env(), preexec_fn=_default_sigint)
+        deadline = time.monotonic() + 90
+        m = None
+        while m is None and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.1)
+            m = re.search(r"listening on (http://\S+/v1)", self.log())
+        if m is None:
+            self.stop()
+            raise AssertionError(f"serve did not start:\n{self.log()}")
+        self.url = m.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, path: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_serve_answers_503_after_a_lost_worker(rpc_dir, key_file, model, workers, tmp_path):
+    pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e '.[server]')")
     from openai import APIStatusError, OpenAI
 
     doomed = Worker(rpc_dir, "--key-file", str(key_file))
-    proc = subprocess.Popen([sys.executable, "-m", "llamalocal", "serve", str(model), "--port", "0", "--threads", "1",
-                             "--ctx", "512", "--rpc", f"{workers[1].endpoint},{doomed.endpoint}",
-                             "--rpc-key-file", str(key_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-                            preexec_fn=_default_sigint)
+    srv = Serving(tmp_path, model, [workers[1].endpoint, doomed.endpoint], key_file)
     try:
-        url = None
-        deadline = time.monotonic() + 90
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            m = re.search(r"listening on (http://\S+/v1)", line)
-            url = m.group(1) if m else None
-        assert url, "serve did not start"
-        client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30)
+        client = OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=30)
         ok = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0)
         assert ok.choices[0].text
         doomed.kill()
@@ -409,11 +450,86 @@ def test_serve_answers_503_after_a_lost_worker(rpc_dir, key_file, model, workers
         body = e.value.response.json()["error"]
         assert body["code"] == "rpc_worker_lost" and doomed.endpoint in body["message"]
         assert client.models.list().data  # the server itself is still up
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert f"error: RPC worker {doomed.endpoint}" in srv.log() and "answering 503 from now on" in srv.log()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        srv.stop()
+        doomed.stop()
+
+
+_EOS = "tokenizer.ggml.eos_token_id"
+
+
+def test_serve_ends_what_a_lost_worker_left_under_way(rpc_dir, key_file, model, workers, tmp_path):
+    """A worker killed while a stream is generating (the engine's thread then waits inside
+    llama.cpp for good): the stream ends with an error event and [DONE], a request queued behind
+    it gets 503, so does every request that needs the model; /health and /v1/models answer, and
+    SIGTERM still stops the server at once, exit status 0."""
+    pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e '.[server]')")
+    import threading
+
+    from openai import APIError, APIStatusError, OpenAI
+
+    from llamalocal.gguf_header import header_values
+
+    doomed = Worker(rpc_dir, "--key-file", str(key_file))
+    srv = Serving(tmp_path, model, [workers[1].endpoint, doomed.endpoint], key_file, "--ctx", "2048")
+    try:
+        client = OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=30)
+        # end-of-text is barred, so the stream runs until the worker goes
+        eos = (header_values(model, [_EOS]) or {})[_EOS]
+        stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=1900, temperature=0, stream=True,
+                                           logit_bias={str(eos): -100})
+        pieces = iter(stream)
+        assert next(pieces).choices[0].text is not None  # generating
+
+        queued: list[BaseException] = []
+
+        def behind() -> None:  # admitted, then waiting on the engine behind the stream
+            try:
+                client.completions.create(model="m", prompt="queued", max_tokens=4, temperature=0)
+            except BaseException as e:  # noqa: BLE001
+                queued.append(e)
+
+        t = threading.Thread(target=behind)
+        t.start()
+        deadline = time.monotonic() + 10
+        while srv.get("/health")[1]["admitted"] < 2:
+            assert time.monotonic() < deadline, srv.get("/health")
+            time.sleep(0.05)
+        doomed.kill()
+        killed = time.monotonic()
+        with pytest.raises(APIError) as e:
+            for _ in pieces:
+                pass
+        assert time.monotonic() - killed < 15
+        assert e.value.code == "rpc_worker_lost" and doomed.endpoint in e.value.message, e.value
+        t.join(15)
+        assert not t.is_alive() and len(queued) == 1 and isinstance(queued[0], APIStatusError), queued
+        assert queued[0].status_code == 503 and queued[0].code == "rpc_worker_lost"
+
+        # every route that needs the model: 503, at once
+        for path, body in (("/v1/completions", {"prompt": "a", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "stream": True}),
+                           ("/extras/tokenize", {"input": "a"}), ("/extras/detokenize", {"tokens": [1]})):
+            status, reply = srv.post(path, body, timeout=10)
+            assert status == 503 and reply["error"]["code"] == "rpc_worker_lost", (path, status, reply)
+        status, health = srv.get("/health")
+        assert status == 200 and health["status"] == "rpc_worker_lost" and doomed.endpoint in health["error"]
+        assert health["admitted"] == 0  # nothing left holding a slot
+        assert client.models.list().data[0].id
+        log = srv.log()
+        assert log.count(f"error: RPC worker {doomed.endpoint}") == 1 and "answering 503 from now on" in log
+
+        srv.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert srv.proc.wait(20) == 0
+        # the engine's thread, stuck in llama.cpp, is not waited for (that would be GRACEFUL_SHUTDOWN_S, 5 s)
+        assert time.monotonic() - stopped < 3
+        assert "server stopped" in srv.log() and "Traceback" not in srv.log()
+    finally:
+        srv.stop()
         doomed.stop()
 
 

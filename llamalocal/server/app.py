@@ -11,6 +11,11 @@ steps: the body is read under a size cap and a deadline; only then is the reques
 (at most `parallel` at once, from admission to the last byte of the answer: one more gets 503
 at once); then it is parsed, checked against the model and, for completions, queued on the
 engine. Every failure on the way is a 4xx with an OpenAI-style JSON error.
+
+Once the model can no longer run (`model_lost`: an RPC worker that held some of its layers is
+gone), every POST route answers 503 (code "rpc_worker_lost") at admission, requests already
+waiting on the engine get the same 503 (a stream under way: an error event, then [DONE]), and
+the GET routes go on answering until the server is stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalocal.server.config import MAX_BODY_BYTES
-from llamalocal.server.engine import Done, Engine, Event, Failed, Finished, Job, Piece
+from llamalocal.server.engine import Done, Engine, Event, Failed, Finished, Job, Lost, Piece
 from llamalocal.server.errors import ApiError, bad_request
 from llamalocal.server.requests import CHAT, COMPLETION, Request, parse_json, parse_request
 
@@ -106,10 +111,19 @@ class App:
         self.stopping = True
         self.engine.stop()
 
+    def model_lost(self, why: str) -> None:
+        """The model can no longer run (`why`: an RPC worker is gone): from now on every request
+        that needs it gets 503, and those waiting on the engine are answered at once. Safe from
+        any thread."""
+        self.engine.abandon(why)
+
     def close(self, timeout: float) -> bool:
-        """Stop the engine; True when the model is no longer in use and may be freed."""
+        """Stop the engine; True when the model is no longer in use and may be freed (never after
+        `model_lost`: what is stuck in llama.cpp is left there, not waited for)."""
         deadline = time.monotonic() + timeout
         stopped = self.engine.close(timeout)
+        if self.engine.lost is not None:
+            return False
         with self._idle:
             self._idle.wait_for(lambda: self._busy == 0, max(0.0, deadline - time.monotonic()))
             return stopped and self._busy == 0
@@ -187,11 +201,17 @@ class App:
         if self.stopping:
             await _send_error(send, _shutting_down(), close=True)
             return
+        if self.engine.lost is not None:
+            await _send_error(send, _model_lost(self.engine.lost), close=True)
+            return
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
         if self.stopping:
             await _send_error(send, _shutting_down())
+            return
+        if self.engine.lost is not None:
+            await _send_error(send, _model_lost(self.engine.lost))
             return
         if self.in_flight >= self.parallel:
             await _send_error(send, ApiError(503, f"server busy: {self.parallel} requests already admitted "
@@ -279,8 +299,11 @@ class App:
 
     async def _health(self, send: Send) -> None:
         connections = sum(self.guard.open.values()) if self.guard is not None else None
-        await _send_json(send, 200, {"status": "stopping" if self.stopping else "ok", "admitted": self.in_flight,
-                                     "connections": connections, "tokens_generated": self.engine.generated})
+        lost = self.engine.lost
+        status = "stopping" if self.stopping else "rpc_worker_lost" if lost is not None else "ok"
+        await _send_json(send, 200, {"status": status, "admitted": self.in_flight, "connections": connections,
+                                     "tokens_generated": self.engine.generated,
+                                     **({"error": _model_lost(lost).message} if lost is not None else {})})
 
     # -----------------------------------------------------------------------------------------
     # Tokenizer routes
@@ -397,6 +420,9 @@ class App:
             elif isinstance(event, Failed):
                 await _send_event(send, ApiError(500, event.message).body())
                 break
+            elif isinstance(event, Lost):
+                await _send_event(send, _model_lost(event.message).body())
+                break
             elif isinstance(event, Done):
                 if req.include_usage:
                     await _send_event(send, fmt.usage_chunk(event))
@@ -418,6 +444,8 @@ class App:
                 reasons[event.index] = event.reason
             elif isinstance(event, Failed):
                 raise ApiError(500, event.message)
+            elif isinstance(event, Lost):
+                raise _model_lost(event.message)
             elif isinstance(event, Done):
                 slot.release()
                 await _send_json(send, 200, fmt.whole(["".join(t) for t in texts], reasons, event))
@@ -476,6 +504,11 @@ def _usage(done: Done) -> dict[str, int]:
 
 def _shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", kind="server_busy", code="shutting_down")
+
+
+def _model_lost(why: str) -> ApiError:
+    return ApiError(503, f"{why}; this server cannot generate any more: restart it once the worker is back",
+                    code="rpc_worker_lost")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -36,3 +37,6 @@ class ServeConfig:
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
     connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT
     access_log: bool = True
+    # llamalocal.rpc.RpcConfig: layers on RPC workers; once one is lost, requests that need the
+    # model get 503 (code rpc_worker_lost) and the server stays up until it is stopped
+    rpc: Any = None

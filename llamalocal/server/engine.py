@@ -7,6 +7,11 @@ each choice, the usage) go to its request's coroutine through `emit`. Between an
 once) and whether the server is shutting down (`Engine.stop`: each choice ends with
 finish_reason "length", so a stream still gets its last chunk and [DONE]).
 
+When the model can no longer run (an RPC worker holding some of its layers is lost), the
+running job is likely stuck inside llama.cpp for good: ggml's RPC calls have no timeout.
+`Engine.abandon` then answers for it and for every queued or later job (`Lost`), from the
+thread that noticed, and leaves the engine's thread where it is.
+
 Text is decoded from each token's whole bytes (`native.token_piece`; llama-cpp-python's own
 detokenize drops tokens longer than 32 bytes) with an incremental UTF-8 decoder, so a
 character split over byte tokens comes out whole, and stop strings are held back until they
@@ -56,7 +61,14 @@ class Failed:
     message: str
 
 
-Event = Piece | Finished | Done | Failed
+@dataclass
+class Lost:
+    """The model can no longer run (`message` says why); nothing more will come for this job."""
+
+    message: str
+
+
+Event = Piece | Finished | Done | Failed | Lost
 
 
 class Job:
@@ -89,37 +101,73 @@ class Engine:
         self.n_vocab = native.vocab_info(llm.model)[0]
         self.stopping = threading.Event()
         self.generated = 0  # tokens generated since start (GET /health shows it)
+        self.lost: str | None = None  # why the model can no longer run (Engine.abandon)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._current: Job | None = None  # the job the thread is running
+        self._lock = threading.Lock()  # lost, _current and the queue change together
         self._thread = threading.Thread(target=self._run, name="llamalocal-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        with self._lock:
+            if self.lost is not None:
+                job.emit(Lost(self.lost))
+                return
+            self._jobs.put(job)
 
     def stop(self) -> None:
         """Shutting down: the running job's choices end after their current token, queued ones at once."""
         self.stopping.set()
 
+    def abandon(self, why: str) -> None:
+        """The model can no longer run: the running job, the queued ones and any submitted from
+        now on end at once with Lost(why). Safe from any thread; the engine's thread is not waited
+        for (it may never come back from llama.cpp), and runs nothing more if it does."""
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = why
+            doomed = [self._current] if self._current is not None else []
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    doomed.append(job)
+            self._jobs.put(None)  # the thread leaves, if it ever takes another job
+        for job in doomed:
+            job.cancel()
+            job.emit(Lost(why))
+
     def close(self, timeout: float) -> bool:
-        """Stop the thread; True once it has left (the model may then be freed)."""
+        """Stop the thread; True once it has left (the model may then be freed). After `abandon`
+        the thread is not waited for: False at once."""
         self.stop()
         self._jobs.put(None)
+        if self.lost is not None:
+            return False
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
+            with self._lock:
+                if job is None or self.lost is not None:
+                    return  # abandon() answered every job that was queued
+                if job.cancelled.is_set():
+                    continue
+                self._current = job
             try:
                 self._complete(job)
             except Exception as e:  # a bug or a llama.cpp failure: this request fails, the server goes on
                 self.llm.n_tokens = 0  # the cache may not hold what we think: evaluate afresh next time
                 self.log(f"error in a completion:\n{traceback.format_exc()}")
                 job.emit(Failed(f"the completion failed: {type(e).__name__}: {e}"))
+            finally:
+                with self._lock:
+                    self._current = None
 
     # -----------------------------------------------------------------------------------------
 

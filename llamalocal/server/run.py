@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import sys
@@ -47,6 +48,11 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
     (finish_reason "length", then [DONE]) and waits up to GRACEFUL_SHUTDOWN_S for them to go out.
     SIGTERM then returns normally; SIGINT raises KeyboardInterrupt (the CLI exits 130).
 
+    With `cfg.rpc`, layers go to RPC workers as planned. A worker lost while the model loads
+    ends the process (one line, exit status 1), as for any command; one lost once the model is
+    loaded is logged, and from then on every request that needs the model gets 503 (code
+    rpc_worker_lost) while the server stays up; whatever was stuck in llama.cpp is left there.
+
     Raises:
         BadInputError (and the runner's GGUFError/PlanError) for a bad model, placement or address.
     """
@@ -62,18 +68,32 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
     try:
         # the runner logs the plan through `say`: the same text `llamalocal plan` prints
         loaded = load_model(model_path, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, threads=cfg.threads,
-                            force=cfg.force, verbose=False, log=say)
+                            force=cfg.force, verbose=False, log=say, rpc=cfg.rpc)
     except BaseException:
         sock.close()
         raise
     path = Path(loaded.path)
     app = None
+    apps: list[App] = []  # the App once made, for a worker lost from now on
+
+    def worker_lost(endpoint: str, what: str) -> None:  # on the RPC relay's thread
+        say(f"error: RPC worker {endpoint} {what}; answering 503 from now on")
+        for a in apps:
+            a.model_lost(f"RPC worker {endpoint} {what}")
+
+    if loaded.rpc is not None:
+        # until now a lost worker ended the process (the load would never finish); from here on the
+        # server outlives it. The session reads its config's on_lost when a worker goes.
+        loaded.rpc.cfg = dataclasses.replace(loaded.rpc.cfg, on_lost=worker_lost)
     try:
         template, why = pick_template(cfg.template, loaded.desc.name if loaded.desc is not None else None, path)
         name = model_name(path, cfg.alias)
         guard = compat.ConnectionGuard(cfg.connections_per_client, cfg.read_timeout)
         app = App(loaded.llm, name=name, template=template, api_key=cfg.api_key, parallel=cfg.parallel,
                   read_timeout=cfg.read_timeout, guard=guard, created=int(path.stat().st_mtime), log=say)
+        apps.append(app)
+        if loaded.rpc is not None and loaded.rpc.lost:  # lost before `apps` held it
+            app.model_lost(loaded.rpc.lost)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         say(f"chat format: {template} ({why})")
@@ -105,5 +125,6 @@ def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | No
     finally:
         sock.close()
         # free the model only once nothing uses it any more; otherwise leave it to the process's end
+        # (and never after a lost worker: LoadedModel.close leaves the model alone then)
         if app is None or app.close(GRACEFUL_SHUTDOWN_S):
-            loaded.llm.close()
+            loaded.close()
