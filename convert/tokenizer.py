@@ -13,8 +13,10 @@ from pathlib import Path
 import gguf
 
 from llamalocal.convert.errors import BadInputError
+from llamalocal.convert.inputs import read_input
 
 TOKENIZER_FILE = "tokenizer.model"
+MAX_TOKENIZER_BYTES = 64 * 2**20  # LLaMA's is 500 KB, Llama-3's 2.2 MB
 
 # sentencepiece ModelProto.SentencePiece.Type -> GGUF token type (the numbers happen to agree;
 # the table keeps that an explicit fact rather than a coincidence).
@@ -79,7 +81,7 @@ def load_vocab(path: Path) -> Vocab:
     from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
-    data = Path(path).read_bytes()
+    data = read_input(path, MAX_TOKENIZER_BYTES)
     if _looks_like_tiktoken(data):
         raise BadInputError(f"{path} is a tiktoken (Llama-3) tokenizer; llamalocal converts sentencepiece "
                             "tokenizers (LLaMA-1, Llama-2, Code Llama) only for now")
@@ -91,6 +93,11 @@ def load_vocab(path: Path) -> Vocab:
         raise BadInputError(f"{path} is not a sentencepiece model ({e}); re-download tokenizer.model") from e
     if len(proto.pieces) == 0 or proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM=1, BPE=2
         raise BadInputError(f"{path} is not a LLaMA sentencepiece model (no pieces or unsupported model type)")
+    missing = [what for what, i in (("BOS (<s>)", sp.bos_id()), ("EOS (</s>)", sp.eos_id()), ("unknown", sp.unk_id()))
+               if not 0 <= i < len(proto.pieces)]
+    if missing:
+        raise BadInputError(f"{path} has no {' or '.join(missing)} piece, which every LLaMA tokenizer has; "
+                            "re-download tokenizer.model")
     pieces = proto.pieces
     return Vocab(
         tokens=[p.piece for p in pieces],

@@ -87,6 +87,7 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
       llamalocal convert 13B --q4_0
       llamalocal convert ~/llama/llama-2-7b-chat --q5_k_m -o chat-q5.gguf
     """
+    from llamalocal.cli import printable
     from llamalocal.convert.convert import convert as run_convert
     from llamalocal.convert.presets import parse_preset
     from llamalocal.errors import BadInputError
@@ -105,9 +106,9 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
             bar.close()
     if not quiet:
         for w in result.warnings:
-            click.echo(f"Warning: {w}", err=True)
+            click.echo(f"Warning: {printable(w)}", err=True)
         click.echo(
-            f"Wrote {result.path} ({result.preset}): {_count(result.n_params)} parameters, "
+            f"Wrote {printable(str(result.path))} ({result.preset}): {_count(result.n_params)} parameters, "
             f"{_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
             f"{result.seconds:.1f} s", err=True)
 
