@@ -171,6 +171,10 @@ class _StateDict(dict):
         pass
 
 
+class _BadRecord(Exception):
+    """A tensor record whose arguments are not what torch writes (`_unpickle` names the file)."""
+
+
 def _brief(x: Any, limit: int = 60) -> str:
     """A value from the file, described for a message in at most about `limit` characters. Never a
     full repr: a hostile pickle's nested or shared containers make repr deep or exponential, and
@@ -191,24 +195,24 @@ def _brief(x: Any, limit: int = 60) -> str:
 
 def _int_tuple(x: Any, what: str, bound: int) -> tuple[int, ...]:
     if type(x) is not tuple or len(x) > MAX_NDIM:
-        raise CheckpointError(f"tensor {what} is {_brief(x)}, not a tuple of at most {MAX_NDIM} ints")
+        raise _BadRecord(f"tensor {what} is {_brief(x)}, not a tuple of at most {MAX_NDIM} ints")
     for v in x:
         if type(v) is not int or not 0 <= v < bound:
-            raise CheckpointError(f"tensor {what} holds {_brief(v)}, not an int from 0 to {bound - 1}")
+            raise _BadRecord(f"tensor {what} holds {_brief(v)}, not an int from 0 to {bound - 1}")
     return x
 
 
 def _record(storage: Any, offset: Any, size: Any, stride: Any, dtype: _DType | None) -> _TensorRecord:
     if not isinstance(storage, _StorageRef):
-        raise CheckpointError(f"tensor built from {_brief(storage)}, not from a storage")
+        raise _BadRecord(f"tensor built from {_brief(storage)}, not from a storage")
     if type(offset) is not int or not 0 <= offset < MAX_OFFSET:
-        raise CheckpointError(f"tensor storage offset {_brief(offset)} is not a non-negative int")
+        raise _BadRecord(f"tensor storage offset {_brief(offset)} is not a non-negative int")
     shape, strides = _int_tuple(size, "shape", MAX_DIM), _int_tuple(stride, "stride", MAX_OFFSET)
     if len(shape) != len(strides):
-        raise CheckpointError(f"tensor shape {shape} and stride {strides} differ in length")
+        raise _BadRecord(f"tensor shape {shape} and stride {strides} differ in length")
     if dtype is None:
         if storage.stype.dtype is None:
-            raise CheckpointError("tensor on an untyped storage without a dtype")
+            raise _BadRecord("tensor on an untyped storage without a dtype")
         dtype = storage.stype.dtype
     return _TensorRecord(storage, offset, shape, strides, dtype)
 
@@ -224,14 +228,14 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any
                        *_: Any) -> _TensorRecord:
     """torch._utils._rebuild_tensor_v3: an UntypedStorage plus an explicit torch.dtype."""
     if not isinstance(dtype, _DTypeRef):
-        raise CheckpointError(f"_rebuild_tensor_v3 given dtype {_brief(dtype)}, not a torch dtype")
+        raise _BadRecord(f"_rebuild_tensor_v3 given dtype {_brief(dtype)}, not a torch dtype")
     return _record(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> _TensorRecord:
     """torch._utils._rebuild_parameter(data, requires_grad, backward_hooks[, state]): the tensor."""
     if not isinstance(data, _TensorRecord):
-        raise CheckpointError(f"parameter built from {_brief(data)}, not from a tensor")
+        raise _BadRecord(f"parameter built from {_brief(data)}, not from a tensor")
     return data
 
 
@@ -523,6 +527,8 @@ def _unpickle(data: bytes, source: str) -> tuple[Any, dict[str, _StorageRef]]:
         obj = u.load()
     except CheckpointError:
         raise
+    except _BadRecord as e:
+        raise CheckpointError(f"{source}: {e}; the file is corrupt or not a weight file") from None
     except RecursionError as e:
         raise CheckpointError(f"{source}: data.pkl is nested too deeply to be a state dict") from e
     except Exception as e:  # any malformed pickle: EOFError, UnpicklingError, TypeError, struct.error...
