@@ -254,8 +254,11 @@ _ALLOWED: dict[str, Any] = {
     **{f"torch.{n}": _StorageType(f"torch.{n}", d) for n, d in _STORAGE_TYPES.items()},
     **{f"torch.{n}": _DTypeRef(f"torch.{n}", d) for n, d in _TORCH_DTYPES.items()},
 }
-# the only things REDUCE may call
+# the only things REDUCE may call, with the names torch knows them by (for messages)
 _CALLABLE = (_StateDict, _rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter)
+_CALLABLE_NAMES = {_StateDict: "collections.OrderedDict", _rebuild_tensor: "torch._utils._rebuild_tensor_v2",
+                   _rebuild_tensor_v3: "torch._utils._rebuild_tensor_v3",
+                   _rebuild_parameter: "torch._utils._rebuild_parameter"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,8 +474,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcod
         if type(args) is not tuple or (func is _StateDict and args):
             # torch pickles a state dict as OrderedDict() and adds its items with SETITEMS; copying one
             # given as an argument could multiply memory (a million items copied 200 times)
-            raise UnsafePickleError(f"{self.source}: its pickle calls {getattr(func, '__name__', 'a constructor')} "
-                                    f"with {_brief(args)}, not as torch does; refusing to load it")
+            raise UnsafePickleError(f"{self.source}: its pickle calls {_CALLABLE_NAMES[func]} with "
+                                    f"{_brief(args)}, not as torch does; refusing to load it")
         super().load_reduce()
 
     def load_build(self) -> None:

@@ -1,7 +1,8 @@
 """Shared by the tests/test_hostile_*.py modules (and scripts/fuzz_convert.py): a small valid model
 folder to plant hostile files in, pickle builders, and `run_convert`, which runs the real CLI in a
 child process under resource limits (address space, CPU seconds, file size) and reports its exit
-status, its stderr, its peak RSS (from wait4) and its wall time.
+status, its stderr, its peak RSS and its wall time. The peak is the child's own VmHWM, read as it
+exits: wait4's ru_maxrss would also count the test process it was forked from.
 
 `assert_refused` is the promise every hostile file is held to: exit code 2, one line `Error: ...`
 on stderr, no traceback, nothing left behind, within the time and memory bounds.
@@ -97,13 +98,30 @@ def _limits(address_space: int, cpu_s: int, file_bytes: int):
     return apply
 
 
+# `python -m llamalocal ARGS`, reporting the process's peak RSS (VmHWM, KiB) into $HOSTILE_HWM as it exits
+_WRAPPER = """
+import atexit, os, runpy, sys
+def _report():
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+    except (OSError, StopIteration):
+        return
+    with open(os.environ["HOSTILE_HWM"], "w") as out:
+        out.write(hwm)
+atexit.register(_report)
+sys.argv[0] = "llamalocal"
+runpy.run_module("llamalocal", run_name="__main__", alter_sys=True)
+"""
+
+
 def start_cli(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
               address_space: int = CHILD_ADDRESS_SPACE, cpu_s: int = CHILD_CPU_S,
               file_bytes: int = CHILD_FILE_BYTES, preexec=None) -> tuple[subprocess.Popen, Path]:
     """Start `python -m llamalocal ARGS` under the limits; stdout/stderr go to files in a temp dir."""
     out = Path(tempfile.mkdtemp(prefix="hostile-run-"))
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2", OPENBLAS_NUM_THREADS="1",
-                    PYTHONFAULTHANDLER="1", **(env or {}))
+                    PYTHONFAULTHANDLER="1", HOSTILE_HWM=str(out / "hwm"), **(env or {}))
     limits = _limits(address_space, cpu_s, file_bytes)
 
     def pre() -> None:
@@ -112,7 +130,7 @@ def start_cli(args: list[str], *, env: dict[str, str] | None = None, cwd: Path |
             preexec()
 
     with open(out / "stdout", "wb") as so, open(out / "stderr", "wb") as se:
-        proc = subprocess.Popen([sys.executable, "-m", "llamalocal", *map(str, args)], stdout=so, stderr=se,
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *map(str, args)], stdout=so, stderr=se,
                                 stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, preexec_fn=pre)
     return proc, out
 
@@ -137,8 +155,10 @@ def finish(proc: subprocess.Popen, out: Path, t0: float, timeout: float) -> Run:
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     stdout = (out / "stdout").read_text(errors="replace")
     stderr = (out / "stderr").read_text(errors="replace")
+    hwm = out / "hwm"
+    rss_kib = int(hwm.read_text()) if hwm.is_file() else ru.ru_maxrss  # no report: it died (or no /proc)
     shutil.rmtree(out, ignore_errors=True)
-    return Run(code, sig, timed_out, stdout, stderr, ru.ru_maxrss / 1024, seconds)
+    return Run(code, sig, timed_out, stdout, stderr, rss_kib / 1024, seconds)
 
 
 def run_cli(args: list, *, timeout: float = 60.0, **kw) -> Run:
