@@ -134,8 +134,9 @@ def _expected(field: Field) -> str:
     if field.kind is bool:
         return "true or false"
     what = "an integer" if field.kind is int else "a number"
-    low = f"above {field.low:g}" if field.above_low else f"from {field.low:g}"
-    return f"{what} {low} to {field.high:g}"
+    if field.above_low:
+        return f"{what} above {field.low:g} and at most {field.high:g}"
+    return f"{what} from {field.low:g} to {field.high:g}"
 
 
 def validate(raw: dict, path: Path) -> None:
