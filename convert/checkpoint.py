@@ -206,7 +206,7 @@ def _record(storage: Any, offset: Any, size: Any, stride: Any, dtype: _DType | N
     if not isinstance(storage, _StorageRef):
         raise _BadRecord(f"tensor built from {_brief(storage)}, not from a storage")
     if type(offset) is not int or not 0 <= offset < MAX_OFFSET:
-        raise _BadRecord(f"tensor storage offset {_brief(offset)} is not a non-negative int")
+        raise _BadRecord(f"tensor storage offset is {_brief(offset)}, not an int from 0 to {MAX_OFFSET - 1}")
     shape, strides = _int_tuple(size, "shape", MAX_DIM), _int_tuple(stride, "stride", MAX_OFFSET)
     if len(shape) != len(strides):
         raise _BadRecord(f"tensor shape {shape} and stride {strides} differ in length")
@@ -438,13 +438,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcod
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"):
-            raise CheckpointError(f"{self.source}: unknown persistent id ({_brief(pid)})")
+            raise CheckpointError(f"{self.source}: unknown persistent id ({_brief(pid)}); the file is corrupt or "
+                                  "not a torch checkpoint")
         _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType):
             raise CheckpointError(f"{self.source}: storage of type {_brief(stype)} is not a torch storage class")
         if type(key) is not str or len(key) > MAX_NAME_CHARS or type(numel) is not int or numel < 0:
-            raise CheckpointError(f"{self.source}: malformed storage reference (key {_brief(key)}, "
-                                  f"{_brief(numel)} elements)")
+            raise CheckpointError(f"{self.source}: malformed storage reference (key {_brief(key)}, numel "
+                                  f"{_brief(numel)}); the file is corrupt or not a torch checkpoint")
         ref = _StorageRef(key, stype, numel)
         seen = self.storages.setdefault(key, ref)
         if seen != ref:
@@ -839,7 +840,8 @@ def _read_index(path: Path, zf: zipfile.ZipFile, file_size: int, fd: int) -> dic
         if not isinstance(rec, _TensorRecord):
             continue  # non-tensor entries (a version number, say) carry no weights
         if type(name) is not str or len(name) > MAX_NAME_CHARS:
-            raise CheckpointError(f"{path}: tensor name {_brief(name)} is not a weight's name")
+            raise CheckpointError(f"{path}: tensor name {_brief(name)} is not a weight's name (a string of at most "
+                                  f"{MAX_NAME_CHARS} characters)")
         tensors[name] = _tensor_info(path, name, rec, located[rec.storage.key])
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors; is it a Meta consolidated.NN.pth?")

@@ -184,6 +184,8 @@ def assert_refused(r: Run, *needles: str, clean: tuple[Path, ...] = (),
     lines = r.stderr.strip("\n").split("\n")
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.describe()
     message = lines[0]
+    if os.environ.get("HOSTILE_SHOW"):  # HOSTILE_SHOW=1 pytest -s: see every refusal's message
+        print(f"\n    {message}  [{r.max_rss_mib:.0f} MiB, {r.seconds:.1f} s]")
     assert all(ch.isprintable() for ch in message), r.describe()
     for needle in needles:
         assert needle in message, r.describe()
