@@ -316,7 +316,7 @@ def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, 
     checks and the bytes they will hash."""
     checks, nbytes = [], 0
     for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
-        if not (folder / listing).is_file():
+        if not (folder / listing).exists():  # one that is not a regular file is refused by read_checklist
             warnings.append(f"no {listing} in {folder}: file integrity not verified")
             continue
         listed = read_checklist(folder / listing)  # a malformed list is an error now, not later

@@ -75,13 +75,23 @@ def _remove_stale(path: Path) -> None:
 
 
 def create_partial(path: Path) -> int:
-    """A new, empty, locked file at `path` (a read-write descriptor), never anything that was there."""
+    """A new, empty, locked file at `path` (a read-write descriptor), never anything that was there.
+
+    An interrupt (Ctrl-C, SIGTERM) can land between any two steps: once the file exists it is
+    removed here, unless the descriptor itself was lost before it was stored, in which case the file
+    is empty, unlocked and ours, and the writer's abort() removes it as a stale partial."""
     _remove_stale(path)
+    fd = None
     try:
         fd = os.open(path, _CREATE, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
     except FileExistsError:
         raise _not_ours(path, "appeared while this conversion started") from None
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+        raise
     return fd
 
 
@@ -111,6 +121,7 @@ class StreamingGGUFWriter:
         self._written = 0  # bytes of the current tensor so far
         self._out: AppendWriter | None = None
         self._fd: int | None = None  # the partial file, created by open(); its lock lives as long as it
+        self._creating = False
 
     # -- declaring -------------------------------------------------------------------------
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, nbytes: int) -> None:
@@ -122,6 +133,7 @@ class StreamingGGUFWriter:
     def open(self) -> None:
         """Create the partial file and write everything before the tensor data."""
         with _writing(self.final_path):
+            self._creating = True
             self._fd = create_partial(self.tmp_path)
             # gguf-py writes the header through a file object on our descriptor, never by name
             self.gguf.fout = [os.fdopen(os.dup(self._fd), "wb")]
@@ -184,3 +196,7 @@ class StreamingGGUFWriter:
         if self._fd is not None:
             self.tmp_path.unlink(missing_ok=True)  # ours: created with O_EXCL and locked until now
             self._close_fd()
+        elif self._creating:  # interrupted while creating it: remove it if it is provably ours
+            with suppress(BadInputError, OSError):
+                _remove_stale(self.tmp_path)
+        self._creating = False
