@@ -89,3 +89,18 @@ def test_folder_name_with_escapes_in_warnings_and_summary(model):
     assert "\x1b[31m" not in text
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.startswith(("Warning", "Wrote"))]
     assert len(lines) == 2 and all("7B\\x1b[31m\\nWrote nothing" in ln for ln in lines), r.describe()
+
+
+def test_a_c_librarys_own_print_does_not_add_a_line(model):
+    """ggml_validate_row_data fprintf()s each bad block it finds; the CLI's own line says it."""
+    from llamalocal.convert.checkpoint import open_checkpoint
+    from llamalocal.convert.torch_save import save_state_dict
+
+    f = model / "consolidated.00.pth"
+    with open_checkpoint(f) as ck:
+        sd = {n: ck.rows(n) for n in ck.tensors}
+    sd["layers.1.attention.wk.weight"][3, 5] = 3e38  # finite in f32; its q8_0 block scale is not in f16
+    f.unlink()
+    save_state_dict(f, sd, dtype="f32")
+    r = hostile.run_cli(["convert", model, "--q8_0", "--quiet", "--no-verify"])
+    assert_refused(r, "layers.1.attention.wk.weight", "overflow to infinity", clean=(model.parent,))
