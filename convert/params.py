@@ -122,7 +122,7 @@ def check_field(key: str, value: Any, field: Field) -> str | None:
     ok_types = (int,) if field.kind is int else (int, float)
     if type(value) not in ok_types:  # bool is an int subclass, and is refused here
         return f"{key} is {_show(value)}; expected {_expected(field)}"
-    if not math.isfinite(value):
+    if type(value) is float and not math.isfinite(value):  # ints are finite (and may not fit a float)
         return f"{key} is {_show(value)}; expected a finite number"
     too_low = value <= field.low if field.above_low else value < field.low
     if too_low or value > field.high:

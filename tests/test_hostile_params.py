@@ -56,7 +56,8 @@ BAD = [
     ("norm_eps", "1e-5"), ("norm_eps", float("inf")), ("norm_eps", -1e-5), ("norm_eps", 0), ("norm_eps", 2),
     ("norm_eps", None), ("rope_theta", "10000"), ("rope_theta", float("-inf")), ("rope_theta", 0),
     ("rope_theta", 1e300), ("ffn_dim_multiplier", "1.3"), ("ffn_dim_multiplier", 0), ("ffn_dim_multiplier", -1),
-    ("ffn_dim_multiplier", float("nan")), ("ffn_dim_multiplier", {"x": 1}), ("use_scaled_rope", "yes"),
+    ("ffn_dim_multiplier", float("nan")), ("ffn_dim_multiplier", {"x": 1}), ("ffn_dim_multiplier", 10**400),
+    ("rope_theta", 10**400), ("norm_eps", -(10**400)), ("use_scaled_rope", "yes"),
     ("use_scaled_rope", 1),
 ]
 
