@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import pickletools
 import random
 import shutil
@@ -49,7 +50,7 @@ import hostile  # noqa: E402  (tests/hostile.py: the limited child runner and pi
 from llamalocal.convert.torch_save import write_raw_checkpoint  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures" / "meta-tiny"
-PRESET = "q8_0"  # what each case converts to (quick, and a real quantizer)
+PRESETS = ["q8_0", "q8_0", "q4_0", "f16", "q4_k_m"]  # what a case converts to (quick ones, real quantizers)
 
 INTS = [0, 1, -1, 2, 7, 255, 256, 65535, 65536, 2**31 - 1, -2**31, 2**32, 2**32 + 1, 2**62, 2**63 - 1, 2**63,
         -2**63, 2**64, 2**64 + 4, 10**30, -(10**30), 2**1000]
@@ -77,6 +78,70 @@ def base_models(work: Path) -> list[Path]:
 
     p = ModelParams(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64, norm_eps=1e-5)
     return [build_sample(work / "base", "sample", SampleSpec(params=p, n_shards=2, vocab_size=400))]
+
+
+_CLASS = {"f16": "HalfStorage", "bf16": "BFloat16Storage", "f32": "FloatStorage"}
+_ITEMSIZE = {"HalfStorage": 2, "BFloat16Storage": 2, "FloatStorage": 4, "DoubleStorage": 8, "IntStorage": 4,
+             "LongStorage": 8, "ByteStorage": 1}
+
+
+def _layout(shard: Path) -> list[dict]:
+    """The base shard's tensors as editable records (name, shape, stride, key, offset, class)."""
+    from llamalocal.convert.checkpoint import open_checkpoint
+
+    with open_checkpoint(shard) as ck:
+        return [{"name": t.name, "shape": list(t.shape), "stride": list(t.stride), "key": t.storage_key,
+                 "offset": t.storage_offset, "cls": _CLASS[t.dtype_name]} for t in ck.tensors.values()]
+
+
+def _rebuild(layout: list[dict], storages: dict[str, bytes]) -> bytes:
+    items = []
+    for t in layout:
+        numel = len(storages.get(t["key"], b"")) // _ITEMSIZE.get(t["cls"], 1)
+        items.append((hostile.s(t["name"]), hostile.tensor(tuple(t["shape"]), key=t["key"], numel=numel,
+                                                           offset=t["offset"], stride=tuple(t["stride"]),
+                                                           cls=t["cls"])))
+    return hostile.state(*items)
+
+
+def mutate_layout(layout: list[dict], storages: dict[str, bytes], rng: random.Random) -> tuple[bytes, str]:
+    """A structurally sound pickle describing the tensors differently: a name, a shape, a stride,
+    an offset or a dtype changed, a tensor dropped or repeated under another name."""
+    layout = [dict(t, shape=list(t["shape"]), stride=list(t["stride"])) for t in layout]
+    t = rng.choice(layout)
+    kind = rng.choice(["name", "shape", "shape", "stride", "offset", "class", "drop", "alias", "swap_names"])
+    if kind == "name":
+        t["name"] = rng.choice([u["name"] for u in layout] + STRINGS + ["layers.99.attention.wq.weight",
+                                                                      "layers.1.attention.wq.bias", "rope.freqs"])
+    elif kind == "shape":
+        how = rng.choice(["transpose", "flatten", "unsqueeze", "halve", "double", "boundary"])
+        if how == "transpose" and len(t["shape"]) == 2:
+            t["shape"].reverse()
+            t["stride"] = [t["shape"][1], 1]
+        elif how == "flatten":
+            t["shape"], t["stride"] = [math.prod(t["shape"])], [1]
+        elif how == "unsqueeze":
+            t["shape"].insert(0, 1)
+            t["stride"].insert(0, math.prod(t["shape"]))
+        elif how in ("halve", "double"):
+            t["shape"][0] = t["shape"][0] // 2 if how == "halve" else t["shape"][0] * 2
+        else:
+            t["shape"][rng.randrange(len(t["shape"]))] = rng.choice([0, 1, 2**31, 2**32 - 1, 2**40])
+        kind = f"shape.{how}"
+    elif kind == "stride":
+        t["stride"][rng.randrange(len(t["stride"]))] = rng.choice([0, 2, 3, 2**20, 2**61])
+    elif kind == "offset":
+        t["offset"] = rng.choice([1, 7, 4096, math.prod(t["shape"]), 2**40])
+    elif kind == "class":
+        t["cls"] = rng.choice(list(_ITEMSIZE))
+    elif kind == "drop":
+        layout.remove(t)
+    elif kind == "alias":
+        layout.append(dict(t, name=rng.choice([u["name"] for u in layout]) + rng.choice(["", "x"])))
+    else:
+        u = rng.choice(layout)
+        t["name"], u["name"] = u["name"], t["name"]
+    return _rebuild(layout, storages), f"layout:{kind}"
 
 
 def _pickle_of(shard: Path) -> tuple[bytes, dict[str, bytes]]:
@@ -116,6 +181,8 @@ GADGETS = [
 
 
 def mutate_pickle(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    if len(data) < 2:
+        return data + bytes([rng.randrange(256)]), "pickle:insert"
     b = bytearray(data)
     kind = rng.choice(["flip", "byte", "insert", "delete", "dup", "truncate", "int", "string", "opcode",
                        "gadget", "gadget", "int", "int"])
@@ -137,23 +204,32 @@ def mutate_pickle(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     elif kind == "truncate":
         del b[rng.randrange(len(b)):]
     else:
-        ops = list(pickletools.genops(data))
-        if kind == "int":
-            picks = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BININT", "BININT1", "BININT2", "LONG1")]
-            op, arg, pos = rng.choice(picks)
-            end = next(p for _, _, p in ops if p > pos)
-            b[pos:end] = _encode_int(rng.choice(INTS))
-        elif kind == "string":
-            picks = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BINUNICODE", "SHORT_BINUNICODE")]
-            op, arg, pos = rng.choice(picks)
-            end = next(p for _, _, p in ops if p > pos)
-            b[pos:end] = hostile.s(rng.choice(STRINGS))
-        elif kind == "opcode":
-            op, arg, pos = rng.choice(ops[1:-1])
-            b[pos] = ord(rng.choice(pickletools.opcodes).code)
-        else:  # gadget: spliced in at an opcode boundary
-            _, _, pos = rng.choice(ops[1:])
-            b[pos:pos] = rng.choice(GADGETS)()
+        try:
+            return _mutate_opcodes(data, b, kind, rng)
+        except (ValueError, IndexError, StopIteration):  # an already-mutated pickle genops cannot walk
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            kind = "flip"
+    return bytes(b), f"pickle:{kind}"
+
+
+def _mutate_opcodes(data: bytes, b: bytearray, kind: str, rng: random.Random) -> tuple[bytes, str]:
+    ops = list(pickletools.genops(data))
+    if kind == "int":
+        picks = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BININT", "BININT1", "BININT2", "LONG1")]
+        op, arg, pos = rng.choice(picks)
+        end = next(p for _, _, p in ops if p > pos)
+        b[pos:end] = _encode_int(rng.choice(INTS))
+    elif kind == "string":
+        picks = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BINUNICODE", "SHORT_BINUNICODE")]
+        op, arg, pos = rng.choice(picks)
+        end = next(p for _, _, p in ops if p > pos)
+        b[pos:end] = hostile.s(rng.choice(STRINGS))
+    elif kind == "opcode":
+        op, arg, pos = rng.choice(ops[1:-1])
+        b[pos] = ord(rng.choice(pickletools.opcodes).code)
+    else:  # gadget: spliced in at an opcode boundary
+        _, _, pos = rng.choice(ops[1:])
+        b[pos:pos] = rng.choice(GADGETS)()
     return bytes(b), f"pickle:{kind}"
 
 
@@ -251,16 +327,22 @@ def _link_model(base: Path, dest: Path) -> Path:
     return model
 
 
-def run_case(base: Path, pickles: dict[Path, tuple[bytes, dict]], work: Path, rng: random.Random,
+def run_case(base: Path, pickles: dict[Path, tuple[bytes, dict, list]], work: Path, rng: random.Random,
              args: argparse.Namespace) -> tuple[str, str, Path]:
     case = Path(tempfile.mkdtemp(prefix="case-", dir=work))
     model = _link_model(base, case)
     shards = sorted(base.glob("consolidated.*.pth"))
-    target = rng.choices(["pickle", "zip", "params"], weights=[45, 30, 25])[0]
-    if target == "pickle":
+    target = rng.choices(["pickle", "layout", "zip", "params"], weights=[30, 20, 25, 25])[0]
+    if target in ("pickle", "layout"):
         shard = rng.choice(shards)
-        pkl, storages = pickles[shard]
-        mutated, what = mutate_pickle(pkl, rng)
+        pkl, storages, layout = pickles[shard]
+        if target == "layout":
+            mutated, what = mutate_layout(layout, storages, rng)
+        else:
+            mutated, what = pkl, "pickle"
+            for _ in range(rng.choice([1, 1, 1, 2, 3])):  # sometimes several edits on top of each other
+                mutated, kind = mutate_pickle(mutated, rng)
+                what = kind if what == "pickle" else "pickle:stacked"
         (model / shard.name).unlink()
         write_raw_checkpoint(model / shard.name, mutated, storages)
     elif target == "zip":
@@ -272,12 +354,14 @@ def run_case(base: Path, pickles: dict[Path, tuple[bytes, dict]], work: Path, rn
         mutated, what = mutate_params((base / "params.json").read_text(), rng)
         (model / "params.json").unlink()
         (model / "params.json").write_bytes(mutated)
-    r = hostile.run_cli(["convert", model, f"--{PRESET}", "--quiet", "--no-verify"], timeout=args.timeout,
+    preset = rng.choice(PRESETS)
+    r = hostile.run_cli(["convert", model, f"--{preset}", "--quiet", "--no-verify"], timeout=args.timeout,
                         cpu_s=int(args.timeout))
-    return classify(r, model, args.max_rss_mib), what, case
+    (case / "stderr.txt").write_text(r.describe())
+    return classify(r, model, preset, args.max_rss_mib), what, case
 
 
-def classify(r: hostile.Run, model: Path, max_rss_mib: float) -> str:
+def classify(r: hostile.Run, model: Path, preset: str, max_rss_mib: float) -> str:
     left = hostile.leftovers(model.parent)
     if r.timed_out:
         return "hang"
@@ -288,7 +372,7 @@ def classify(r: hostile.Run, model: Path, max_rss_mib: float) -> str:
     if r.max_rss_mib > max_rss_mib:
         return "memory"
     if r.code == 0:
-        return "ok" if left == [str(model / f"ggml-model-{PRESET}.gguf")] else "leftover"
+        return "ok" if left == [str(model / f"ggml-model-{preset}.gguf")] else "leftover"
     if r.code != 2:
         return "exit_code"
     lines = r.stderr.strip("\n").split("\n")
@@ -319,7 +403,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fuzz-work-"))
     bases = base_models(work)
-    pickles = {shard: _pickle_of(shard) for base in bases for shard in sorted(base.glob("consolidated.*.pth"))}
+    pickles = {shard: (*_pickle_of(shard), _layout(shard))
+               for base in bases for shard in sorted(base.glob("consolidated.*.pth"))}
 
     counts: collections.Counter[str] = collections.Counter()
     by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
