@@ -23,15 +23,13 @@ def slow_model(tmp_path_factory):
                                                                                     dtype="f32"))
 
 
-def _signal_mid_write(model_dir, sig, preexec=None):
-    t0 = time.monotonic()
-    proc, out = start_cli(["convert", model_dir, "--q2_k", "--no-verify", "--force", "--threads", "1"],
-                          preexec=preexec)
-    deadline = t0 + 60
-    while time.monotonic() < deadline and not list(model_dir.glob(".*.partial")) and proc.poll() is None:
+def _signal_mid_write(model_dir, sig, ignore=()):
+    child = start_cli(["convert", model_dir, "--q2_k", "--no-verify", "--force", "--threads", "1"], ignore=ignore)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(model_dir.glob(".*.partial")) and not child.done():
         time.sleep(0.01)
-    proc.send_signal(sig)
-    return finish(proc, out, t0, timeout=60)
+    child.send_signal(sig)
+    return finish(child)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
@@ -48,7 +46,7 @@ def test_signal_mid_write_leaves_nothing(slow_model, sig):
 
 
 def test_sighup_ignored_under_nohup_lets_it_finish(slow_model):
-    r = _signal_mid_write(slow_model, signal.SIGHUP, preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    r = _signal_mid_write(slow_model, signal.SIGHUP, ignore=(signal.SIGHUP,))
     assert r.code == 0, r.describe()
     assert leftovers(slow_model) == [str(slow_model / "ggml-model-q2_k.gguf")]
     (slow_model / "ggml-model-q2_k.gguf").unlink()
