@@ -32,9 +32,10 @@ import pickletools
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -367,7 +368,7 @@ def _scan(data: bytes, source: str) -> PickleCost:
             elif name in _PUTS:
                 if len(stack) <= floor():
                     raise _Malformed("nothing to memoize")
-                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                memo[len(memo) if name == "MEMOIZE" else cast(int, arg)] = stack[-1]
                 if len(memo) > MAX_MEMO:
                     raise CheckpointError(f"{source}: data.pkl stores more than {MAX_MEMO:,} memo entries; a "
                                           "state dict needs fewer than 15,000. Refusing it")
@@ -409,14 +410,18 @@ def _scan(data: bytes, source: str) -> PickleCost:
 _KEY_TYPES = (str, int)  # what a state dict's keys (and its _metadata's) are
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcode table can be edited
+# the pure-Python unpickler: its opcode table can be edited (typeshed knows only the C one: Any here)
+_PurePythonUnpickler: Any = pickle._Unpickler
+
+
+class _RestrictedUnpickler(_PurePythonUnpickler):
     """Unpickles a torch state dict into stand-ins, after `_scan` passed it. find_class knows a
     fixed table of names; REDUCE may call only the stand-ins above, with a tuple of arguments (a
     state dict only empty: its items come by SETITEMS); BUILD may set only a state dict's state;
     items go only into dicts and lists, and dict keys must be str or int (checked before hashing).
     The opcodes `_scan` refuses are refused here too, in case this class is used alone."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: dict[int, Callable[[Any], None]] = dict(_PurePythonUnpickler.dispatch)
 
     def __init__(self, data: bytes, source: str) -> None:
         super().__init__(io.BytesIO(data))
@@ -517,11 +522,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcod
     dispatch[pickle.DICT[0]] = load_dict
     dispatch[pickle.APPEND[0]] = load_append
     dispatch[pickle.APPENDS[0]] = load_appends
-    for _code, _op in list(pickle._Unpickler.dispatch.items()):
-        _name = pickletools.code2op[chr(_code)].name
-        if _name not in _OPCODES:
-            dispatch[_code] = (lambda n: lambda self: self._refuse_opcode(n))(_name)
-    del _code, _op, _name
+    for _op in pickletools.opcodes:
+        if _op.name not in _OPCODES:
+            dispatch[ord(_op.code)] = (lambda n: lambda self: self._refuse_opcode(n))(_op.name)
+    del _op
 
 
 def _unpickle(data: bytes, source: str) -> tuple[Any, dict[str, _StorageRef]]:

@@ -176,8 +176,9 @@ def load_params(model_dir: Path) -> ModelParams:
         raise BadInputError(f"{path} should hold a JSON object")
     validate(raw, path)
     known = {f.name for f in fields(ModelParams)}
-    p = ModelParams(**{k: float(v) if v is not None and k in SCHEMA and SCHEMA[k].kind is float else v
-                       for k, v in raw.items() if k in known})
+    values: dict[str, Any] = {k: float(v) if v is not None and k in SCHEMA and SCHEMA[k].kind is float else v
+                              for k, v in raw.items() if k in known}
+    p = ModelParams(**values)
     if not 1 <= p.hidden_dim <= MAX_HIDDEN_DIM:
         raise BadInputError(f"{path}: dim {p.dim}, multiple_of {p.multiple_of} and ffn_dim_multiplier "
                             f"{_show(p.ffn_dim_multiplier)} give an FFN width of {p.hidden_dim}; expected 1 to "

@@ -213,7 +213,7 @@ def mutate_pickle(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 def _mutate_opcodes(data: bytes, b: bytearray, kind: str, rng: random.Random) -> tuple[bytes, str]:
-    ops = list(pickletools.genops(data))
+    ops = [(op, arg, int(pos or 0)) for op, arg, pos in pickletools.genops(data)]
     if kind == "int":
         picks = [(op, arg, pos) for op, arg, pos in ops if op.name in ("BININT", "BININT1", "BININT2", "LONG1")]
         op, arg, pos = rng.choice(picks)
@@ -321,9 +321,9 @@ def _link_model(base: Path, dest: Path) -> Path:
     model.mkdir(parents=True)
     for f in base.iterdir():
         (model / f.name).symlink_to(f)
-    for f in ("tokenizer.model", "tokenizer_checklist.chk"):
-        if (base.parent / f).exists():
-            (dest / f).symlink_to(base.parent / f)
+    for name in ("tokenizer.model", "tokenizer_checklist.chk"):
+        if (base.parent / name).exists():
+            (dest / name).symlink_to(base.parent / name)
     return model
 
 

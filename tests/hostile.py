@@ -366,11 +366,12 @@ def tensor(shape: tuple = (4,), *, key: str = "0", numel: int | None = None, off
            raw_stride: bytes | None = None) -> bytes:
     """_rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict()), as torch writes it."""
     if stride is None:
-        stride, n = [], 1
+        contiguous: list[int] = []
+        n = 1
         for d in reversed(shape):
-            stride.insert(0, n)
+            contiguous.insert(0, n)
             n *= d
-        stride = tuple(stride)
+        stride = tuple(contiguous)
     if numel is None:
         numel = 1
         for d in shape:

@@ -150,7 +150,7 @@ def _405b_state(n_shards: int) -> dict:
     one model-parallel shard holds them, as torch_save's pickler writes them (byte for byte what
     torch.save writes, tests/test_checkpoint.py::test_writer_is_byte_identical_to_torch)."""
     dim, ffn, kv, vocab, mp = 16384, 53248, 8 * 128, 128256, n_shards
-    shapes = {"tok_embeddings.weight": (vocab, dim // mp)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (vocab, dim // mp)}
     for n in range(126):
         shapes.update({f"layers.{n}.{k}": v for k, v in {
             "attention.wq.weight": (dim // mp, dim), "attention.wk.weight": (kv // mp, dim),
