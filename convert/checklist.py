@@ -18,17 +18,19 @@ from pathlib import Path
 
 from llamalocal.convert.direct_io import BlockReader, aligned_empty
 from llamalocal.convert.errors import BadInputError, ChecksumError
+from llamalocal.convert.inputs import read_input
 
 CHUNK = 8 * 2**20
+MAX_CHECKLIST_BYTES = 1 << 20  # Meta's lists a dozen files in under 1 KB
 _LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")
 
 
 def read_checklist(path: Path) -> dict[str, str]:
     """name -> md5 (lower case) from an md5sum-format file."""
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist; pass --no-verify to skip the md5 check")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"{path} does not exist; pass --no-verify to skip the md5 check") from None
+        text = read_input(path, MAX_CHECKLIST_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise BadInputError(f"{path} is not a text md5 list (md5sum format); download it again") from None
     sums: dict[str, str] = {}
@@ -39,6 +41,8 @@ def read_checklist(path: Path) -> dict[str, str]:
         if m is None:
             raise BadInputError(f"{path}:{n}: not an md5sum line (`<md5>  <name>`): {line[:80]!r}")
         md5, name = m.group(1).lower(), m.group(2)
+        if "\0" in name:
+            raise BadInputError(f"{path}:{n}: a file name with a NUL character; not an md5sum list, download it again")
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BadInputError(f"{path}:{n}: {name!r} points outside its folder")
         sums[name] = md5
@@ -54,9 +58,9 @@ def md5_file(path: Path, progress: Callable[[int], object] | None = None,
     """The file's md5 as hex, read once in CHUNK-sized pieces; `stop()` turning true between
     chunks ends it with Cancelled."""
     h = hashlib.md5(usedforsecurity=False)
-    size = os.stat(path).st_size
     buffers = [aligned_empty(BlockReader.buffer_size(CHUNK)) for _ in range(2)]
     with BlockReader(path) as reader, ThreadPoolExecutor(1) as ahead:
+        size = reader.size  # of what was opened (a regular file: BlockReader refuses anything else)
         offset = 0
         nxt = ahead.submit(reader.read, 0, min(CHUNK, size), buffers[0]) if size else None
         while nxt is not None:
@@ -101,7 +105,7 @@ def verify_checklist(directory: str | Path, files: list[str] | None = None,
             raise BadInputError(f"{', '.join(unlisted)} not listed in {directory / checklist}; "
                                 "cannot verify it (pass --no-verify to skip the md5 check)")
         names = [n for n in sums if n in set(files)]
-    missing = [n for n in names if not (directory / n).is_file()]
+    missing = [n for n in names if not (directory / n).exists()]  # a FIFO or a device is refused when read
     if missing:
         raise BadInputError(f"{directory}: {', '.join(missing)} listed in {checklist} but missing; "
                             "download the missing files")

@@ -6,9 +6,17 @@ A torch>=1.6 `torch.save` file is an uncompressed zip:
     consolidated.00/data/0 .. N     raw little-endian storage bytes, one record per storage
     consolidated.00/byteorder, version, .format_version, .storage_alignment, .data/serialization_id
 
-The pickle is untrusted input: it is read by a restricted unpickler that resolves only the handful
-of names a weight file needs, each to a harmless stand-in defined here (nothing named in the file is
-ever imported or called), and refuses the opcodes that build or mutate arbitrary objects. Storages
+The pickle is untrusted input. Before anything is built, its opcodes are walked once without
+executing them (`_scan`) and held to budgets a state dict never approaches: size, opcode count,
+nesting depth, memo entries, and only the opcodes a state dict is made of. Then a restricted
+unpickler resolves only the handful of names a weight file needs, each to a harmless stand-in
+defined here (nothing named in the file is ever imported or called), lets REDUCE call only those
+stand-ins and BUILD touch only a state dict, and accepts only str and int dict keys, checked before
+they are hashed (a deep or shared tuple as a key would make hashing crash or run for ever).
+Nothing from the file is ever repr()'d whole into a message (`_brief`), for the same reason. The
+zip around it is read with bounded reads (the central directory, data.pkl) and only stored
+(uncompressed, unencrypted) records are accepted, as torch writes them. Sizes are Python ints, and
+every tensor's bytes must lie inside its storage record, inside the file. Storages
 are never read into memory whole: a tensor is read a block of rows at a time, by byte range, around
 the page cache (direct_io), into a buffer the caller reuses (`read_rows`, the converter's path) or
 widened to a float32 copy (`rows`).
@@ -17,23 +25,44 @@ widened to a float32 copy (`rows`).
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
 from llamalocal.convert.direct_io import BlockReader, aligned_empty
 from llamalocal.convert.errors import CheckpointError, UnsafePickleError
+from llamalocal.convert.inputs import open_input
 
 BF16 = "bf16"  # numpy has no bfloat16: bf16 tensors are tagged and read as uint16
 
-# A 70B shard's data.pkl is a few hundred KB; anything this big is not a state dict.
-MAX_PICKLE_BYTES = 256 * 2**20
+# ---------------------------------------------------------------------------------------------
+# Budgets. What a real state dict needs, measured on Llama-3.1-405B's layout (126 layers, 1,137
+# tensors per shard, as torch 2.x writes it: a plain dict, model.state_dict() with its _metadata or
+# nn.Parameters, protocols 2-5): 130-200 KB of pickle, 36-47k opcodes, 9-12.5k memo entries,
+# nesting depth 5-7, a zip directory of 1,143 records (70-115 KB). Each budget leaves a margin of
+# 10x or more (tests/test_hostile_memory.py re-measures). A pickle over any of them is refused
+# before a single object is built; one within them builds at most ~40 MB of objects.
+# ---------------------------------------------------------------------------------------------
+MAX_PICKLE_BYTES = 8 * 2**20
+MAX_OPCODES = 500_000
+MAX_MEMO = 150_000  # memo entries (BINPUT, LONG_BINPUT, MEMOIZE)
+MAX_DEPTH = 100  # containers inside containers, and MARKs open at once
+MAX_DIRECTORY_BYTES = 4 * 2**20  # the zip's central directory, which zipfile reads whole
+MAX_SMALL_RECORD = 4096  # byteorder, version: a few bytes each
+MAX_NAME_CHARS = 512  # a tensor name or a storage key ("layers.125.feed_forward.w3.weight": 33)
+MAX_NDIM = 8
+MAX_DIM = 2**32  # a tensor dimension; LLaMA's largest is 128256 (Llama-3's vocabulary)
+MAX_OFFSET = 2**62  # element offsets and strides: beyond any file
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the number torch<1.6 pickles first
 LEGACY_HINT = ("saved by an old torch (legacy format): re-save it with torch>=1.6 "
@@ -143,23 +172,48 @@ class _StateDict(dict):
         pass
 
 
-def _int_tuple(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, tuple) or not all(type(v) is int and v >= 0 for v in x):
-        raise CheckpointError(f"tensor {what} {x!r} is not a tuple of non-negative ints")
+class _BadRecord(Exception):
+    """A tensor record whose arguments are not what torch writes (`_unpickle` names the file)."""
+
+
+def _brief(x: Any, limit: int = 60) -> str:
+    """A value from the file, described for a message in at most about `limit` characters. Never a
+    full repr: a hostile pickle's nested or shared containers make repr deep or exponential, and
+    ints of thousands of digits cannot even be printed."""
+    t = type(x)
+    if t is str:
+        return repr(x) if len(x) <= limit else repr(x[:limit])[:-1] + f"...' ({len(x)} characters)"
+    if t is int:
+        return str(x) if x.bit_length() <= 64 else f"an int of {x.bit_length()} bits"
+    if x is None or t in (bool, float):
+        return repr(x)
+    if t in (tuple, list, dict, _StateDict):
+        return f"a {'dict' if t is _StateDict else t.__name__} of {len(x)} items"
+    if t in (_StorageType, _DTypeRef):
+        return x.qualname
+    return f"a {getattr(t, '__name__', 'value')}"
+
+
+def _int_tuple(x: Any, what: str, bound: int) -> tuple[int, ...]:
+    if type(x) is not tuple or len(x) > MAX_NDIM:
+        raise _BadRecord(f"tensor {what} is {_brief(x)}, not a tuple of at most {MAX_NDIM} ints")
+    for v in x:
+        if type(v) is not int or not 0 <= v < bound:
+            raise _BadRecord(f"tensor {what} holds {_brief(v)}, not an int from 0 to {bound - 1}")
     return x
 
 
 def _record(storage: Any, offset: Any, size: Any, stride: Any, dtype: _DType | None) -> _TensorRecord:
     if not isinstance(storage, _StorageRef):
-        raise CheckpointError(f"tensor built from {type(storage).__name__}, not from a storage")
-    if type(offset) is not int or offset < 0:
-        raise CheckpointError(f"tensor storage offset {offset!r} is not a non-negative int")
-    shape, strides = _int_tuple(size, "shape"), _int_tuple(stride, "stride")
+        raise _BadRecord(f"tensor built from {_brief(storage)}, not from a storage")
+    if type(offset) is not int or not 0 <= offset < MAX_OFFSET:
+        raise _BadRecord(f"tensor storage offset is {_brief(offset)}, not an int from 0 to {MAX_OFFSET - 1}")
+    shape, strides = _int_tuple(size, "shape", MAX_DIM), _int_tuple(stride, "stride", MAX_OFFSET)
     if len(shape) != len(strides):
-        raise CheckpointError(f"tensor shape {shape} and stride {strides} differ in length")
+        raise _BadRecord(f"tensor shape {shape} and stride {strides} differ in length")
     if dtype is None:
         if storage.stype.dtype is None:
-            raise CheckpointError("tensor on an untyped storage without a dtype")
+            raise _BadRecord("tensor on an untyped storage without a dtype")
         dtype = storage.stype.dtype
     return _TensorRecord(storage, offset, shape, strides, dtype)
 
@@ -175,14 +229,14 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any
                        *_: Any) -> _TensorRecord:
     """torch._utils._rebuild_tensor_v3: an UntypedStorage plus an explicit torch.dtype."""
     if not isinstance(dtype, _DTypeRef):
-        raise CheckpointError(f"_rebuild_tensor_v3 given dtype {dtype!r}, not a torch dtype")
+        raise _BadRecord(f"_rebuild_tensor_v3 given dtype {_brief(dtype)}, not a torch dtype")
     return _record(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> _TensorRecord:
     """torch._utils._rebuild_parameter(data, requires_grad, backward_hooks[, state]): the tensor."""
     if not isinstance(data, _TensorRecord):
-        raise CheckpointError(f"parameter built from {type(data).__name__}, not from a tensor")
+        raise _BadRecord(f"parameter built from {_brief(data)}, not from a tensor")
     return data
 
 
@@ -201,28 +255,173 @@ _ALLOWED: dict[str, Any] = {
     **{f"torch.{n}": _StorageType(f"torch.{n}", d) for n, d in _STORAGE_TYPES.items()},
     **{f"torch.{n}": _DTypeRef(f"torch.{n}", d) for n, d in _TORCH_DTYPES.items()},
 }
-# the only things REDUCE may call
+# the only things REDUCE may call, with the names torch knows them by (for messages)
 _CALLABLE = (_StateDict, _rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter)
+_CALLABLE_NAMES = {_StateDict: "collections.OrderedDict", _rebuild_tensor: "torch._utils._rebuild_tensor_v2",
+                   _rebuild_tensor_v3: "torch._utils._rebuild_tensor_v3",
+                   _rebuild_parameter: "torch._utils._rebuild_parameter"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan: every opcode walked once, nothing built, budgets enforced
+# ---------------------------------------------------------------------------------------------
+
+# What torch.save writes for a state dict of tensors, in any protocol from 1 to 5: nothing else is
+# accepted (no sets, bytes, extension codes or class instantiation).
+_SCALARS = frozenset({"NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1",
+                      "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "GLOBAL"})
+_EMPTY = frozenset({"EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT"})
+_FROM_MARK = frozenset({"TUPLE", "LIST", "DICT"})
+_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_INTO_TOP = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}  # pop n, add them to the container below
+_INTO_TOP_FROM_MARK = frozenset({"APPENDS", "SETITEMS"})
+_PUTS = frozenset({"BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_GETS = frozenset({"BINGET", "LONG_BINGET"})
+_OTHERS = frozenset({"PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "REDUCE", "BINPERSID",
+                     "STACK_GLOBAL"})
+_OPCODES = _SCALARS | _EMPTY | _FROM_MARK | set(_TUPLE_N) | set(_INTO_TOP) | _INTO_TOP_FROM_MARK | _PUTS | _GETS | _OTHERS
+
+
+class _Malformed(Exception):
+    """The opcodes do not make a pickle (stack underflow, a memo entry never stored)."""
+
+
+@dataclass(frozen=True)
+class PickleCost:
+    """What a pickle asked of `_scan`'s budgets."""
+
+    opcodes: int
+    memo: int
+    depth: int
+
+
+def _scan(data: bytes, source: str) -> PickleCost:
+    """Walk data.pkl's opcodes without building anything and refuse it if it uses an opcode a state
+    dict never needs or goes over a budget (MAX_OPCODES, MAX_MEMO, MAX_DEPTH).
+
+    Nesting depth is followed on a stack of depths that mirrors the unpickler's stack of objects.
+    It is exact for what is built bottom-up (tuples always, torch's own pickles entirely); growth
+    through a shared reference (a list filled after it was stored elsewhere) is not followed, which
+    is safe because nothing built from the file is ever hashed (except str and int keys), compared
+    or repr'd: depth is a budget here, not the only defence.
+    """
+    stack: list[int] = []  # the depth of each object on the unpickler's stack
+    marks: list[int] = []  # where each open MARK is in `stack`
+    memo: dict[int, int] = {}
+    deepest = 0
+
+    def floor() -> int:
+        return marks[-1] if marks else 0
+
+    def pop(n: int) -> list[int]:
+        if len(stack) - n < floor():
+            raise _Malformed("stack underflow")
+        items = stack[len(stack) - n:]
+        del stack[len(stack) - n:]
+        return items
+
+    def pop_mark() -> list[int]:
+        if not marks:
+            raise _Malformed("no MARK to pop to")
+        at = marks.pop()
+        items = stack[at:]
+        del stack[at:]
+        return items
+
+    def push(depth: int) -> None:
+        nonlocal deepest
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"{source}: data.pkl nests containers more than {MAX_DEPTH} deep; a state dict "
+                                  "needs fewer than 10. Refusing it (the file may be malicious)")
+        stack.append(depth)
+
+    def into_top(items: list[int]) -> None:
+        if len(stack) <= floor():
+            raise _Malformed("nothing to add to")
+        stack[-1] = max(stack[-1], 1 + max(items, default=0))
+        push(stack.pop())
+
+    n_ops = 0
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            n_ops += 1
+            if n_ops > MAX_OPCODES:
+                raise CheckpointError(f"{source}: data.pkl has more than {MAX_OPCODES:,} opcodes; a state dict, "
+                                      "even Llama-3.1-405B's, has fewer than 50,000. Refusing it")
+            name = op.name
+            if name not in _OPCODES:
+                raise UnsafePickleError(f"{source}: its pickle uses the {name} opcode, which a state dict of "
+                                        "tensors never needs; refusing to load it (the file may be malicious)")
+            if name in _SCALARS:
+                push(0)
+            elif name in _EMPTY:
+                push(1)
+            elif name in _FROM_MARK:
+                push(1 + max(pop_mark(), default=0))
+            elif name in _TUPLE_N:
+                push(1 + max(pop(_TUPLE_N[name]), default=0))
+            elif name in _INTO_TOP:
+                into_top(pop(_INTO_TOP[name]))
+            elif name in _INTO_TOP_FROM_MARK:
+                into_top(pop_mark())
+            elif name in _PUTS:
+                if len(stack) <= floor():
+                    raise _Malformed("nothing to memoize")
+                memo[len(memo) if name == "MEMOIZE" else cast(int, arg)] = stack[-1]
+                if len(memo) > MAX_MEMO:
+                    raise CheckpointError(f"{source}: data.pkl stores more than {MAX_MEMO:,} memo entries; a "
+                                          "state dict needs fewer than 15,000. Refusing it")
+            elif name in _GETS:
+                if arg not in memo:
+                    raise _Malformed(f"memo entry {arg} read before it is stored")
+                push(memo[arg])
+            elif name == "MARK":
+                if len(marks) >= MAX_DEPTH:
+                    raise CheckpointError(f"{source}: data.pkl opens more than {MAX_DEPTH} MARKs at once; "
+                                          "refusing it")
+                marks.append(len(stack))
+            elif name == "POP":
+                if len(stack) > floor():
+                    stack.pop()
+                else:
+                    pop_mark()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name == "DUP":
+                push(pop(1)[0])
+                stack.append(stack[-1])
+            elif name in ("REDUCE", "STACK_GLOBAL", "BINPERSID"):
+                items = pop(1 if name == "BINPERSID" else 2)
+                push(0 if name == "STACK_GLOBAL" else 1 + max(items))
+            elif name == "STOP" and len(stack) <= floor():
+                raise _Malformed("nothing to return")
+            # PROTO and FRAME change nothing on the stack
+    except (ValueError, _Malformed) as e:  # genops: an unknown opcode, a truncated argument, a bad int
+        raise CheckpointError(f"{source}: data.pkl is corrupt ({str(e)[:200]}); re-download the file and "
+                              "check it against checklist.chk") from None
+    return PickleCost(n_ops, len(memo), deepest)
 
 
 # ---------------------------------------------------------------------------------------------
 # The restricted unpickler
 # ---------------------------------------------------------------------------------------------
 
-def _refuse(opname: str):
-    def load(self: _RestrictedUnpickler) -> None:
-        raise UnsafePickleError(f"{self.source}: its pickle uses the {opname} opcode, which builds "
-                                "arbitrary objects and is never in a weight file; refusing to load it")
-    return load
+_KEY_TYPES = (str, int)  # what a state dict's keys (and its _metadata's) are
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcode table can be edited
-    """Unpickles a torch state dict into stand-ins. find_class knows a fixed table of names;
-    opcodes that create objects of a class taken from the stack (INST, OBJ, NEWOBJ, NEWOBJ_EX),
-    that reach the copyreg extension registry (EXT1/2/4) or that mutate objects (BUILD, except
-    on a state dict) are refused; REDUCE may call only the stand-ins above."""
+# the pure-Python unpickler: its opcode table can be edited (typeshed knows only the C one: Any here)
+_PurePythonUnpickler: Any = pickle._Unpickler
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+
+class _RestrictedUnpickler(_PurePythonUnpickler):
+    """Unpickles a torch state dict into stand-ins, after `_scan` passed it. find_class knows a
+    fixed table of names; REDUCE may call only the stand-ins above, with a tuple of arguments (a
+    state dict only empty: its items come by SETITEMS); BUILD may set only a state dict's state;
+    items go only into dicts and lists, and dict keys must be str or int (checked before hashing).
+    The opcodes `_scan` refuses are refused here too, in case this class is used alone."""
+
+    dispatch: dict[int, Callable[[Any], None]] = dict(_PurePythonUnpickler.dispatch)
 
     def __init__(self, data: bytes, source: str) -> None:
         super().__init__(io.BytesIO(data))
@@ -238,53 +437,110 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its opcod
             raise UnsafePickleError(
                 f"{self.source}: holds a tensor saved without its data ({qualname}: a meta-device "
                 "tensor); re-save the checkpoint from a model whose weights are loaded")
-        raise UnsafePickleError(f"{self.source}: its pickle asks for {qualname}, which a weight file never "
+        shown = qualname if len(qualname) <= 120 else qualname[:120] + "..."
+        raise UnsafePickleError(f"{self.source}: its pickle asks for {shown}, which a weight file never "
                                 "needs; refusing to load it (the file may be malicious)")
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self.source}: unknown persistent id {pid!r:.80}")
+        if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"):
+            raise CheckpointError(f"{self.source}: unknown persistent id ({_brief(pid)}); the file is corrupt or "
+                                  "not a torch checkpoint")
         _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType):
-            raise CheckpointError(f"{self.source}: storage of type {stype!r:.80} is not a torch storage class")
-        if not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise CheckpointError(f"{self.source}: malformed storage reference {pid!r:.120}")
+            raise CheckpointError(f"{self.source}: storage of type {_brief(stype)} is not a torch storage class")
+        if type(key) is not str or len(key) > MAX_NAME_CHARS or type(numel) is not int or numel < 0:
+            raise CheckpointError(f"{self.source}: malformed storage reference (key {_brief(key)}, numel "
+                                  f"{_brief(numel)}); the file is corrupt or not a torch checkpoint")
         ref = _StorageRef(key, stype, numel)
         seen = self.storages.setdefault(key, ref)
         if seen != ref:
-            raise CheckpointError(f"{self.source}: storage {key} is described two ways ({seen} vs {ref})")
+            raise CheckpointError(f"{self.source}: storage {_brief(key)} is described two ways "
+                                  f"({seen.stype.qualname} x {_brief(seen.numel)} vs {stype.qualname} x {_brief(numel)})")
         return seen
 
+    def _refuse_opcode(self, name: str) -> None:
+        raise UnsafePickleError(f"{self.source}: its pickle uses the {name} opcode, which a state dict of "
+                                "tensors never needs; refusing to load it (the file may be malicious)")
+
+    def _check_keys(self, keys: Any) -> None:
+        for k in keys:
+            if type(k) not in _KEY_TYPES:  # before the dict hashes it
+                raise UnsafePickleError(f"{self.source}: its pickle uses {_brief(k)} as a dict key; a state "
+                                        "dict's keys are strings. Refusing to load it (the file may be malicious)")
+
+    def _check_target(self, target: Any, kinds: tuple[type, ...], what: str) -> None:
+        if type(target) not in kinds:
+            raise UnsafePickleError(f"{self.source}: its pickle adds {what} to {_brief(target)}; refusing to load it")
+
     def load_reduce(self) -> None:
-        func = self.stack[-2]
+        func, args = self.stack[-2], self.stack[-1]
         if not any(func is c for c in _CALLABLE):
-            raise UnsafePickleError(f"{self.source}: its pickle calls {func!r:.80}, which is not a tensor "
+            raise UnsafePickleError(f"{self.source}: its pickle calls {_brief(func)}, which is not a tensor "
                                     "constructor; refusing to load it")
+        if type(args) is not tuple or (func is _StateDict and args):
+            # torch pickles a state dict as OrderedDict() and adds its items with SETITEMS; copying one
+            # given as an argument could multiply memory (a million items copied 200 times)
+            raise UnsafePickleError(f"{self.source}: its pickle calls {_CALLABLE_NAMES[func]} with "
+                                    f"{_brief(args)}, not as torch does; refusing to load it")
         super().load_reduce()
 
     def load_build(self) -> None:
         if type(self.stack[-2]) is not _StateDict:
-            raise UnsafePickleError(f"{self.source}: its pickle sets the state of a "
-                                    f"{type(self.stack[-2]).__name__} (BUILD); refusing to load it")
+            raise UnsafePickleError(f"{self.source}: its pickle sets the state of {_brief(self.stack[-2])} "
+                                    "(BUILD); refusing to load it")
         super().load_build()
+
+    def load_setitem(self) -> None:
+        self._check_target(self.stack[-3], (dict, _StateDict), "an item")
+        self._check_keys((self.stack[-2],))
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        items = self.stack  # the items since the MARK; the dict is the last object before it
+        self._check_target(self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None,
+                           (dict, _StateDict), "items")
+        self._check_keys(items[0::2])
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        self._check_keys(self.stack[0::2])
+        super().load_dict()
+
+    def load_append(self) -> None:
+        self._check_target(self.stack[-2], (list,), "an element")
+        super().load_append()
+
+    def load_appends(self) -> None:
+        self._check_target(self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None,
+                           (list,), "elements")
+        super().load_appends()
 
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
-    for _op in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"):
-        dispatch[getattr(pickle, _op)[0]] = _refuse(_op)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    for _op in pickletools.opcodes:
+        if _op.name not in _OPCODES:
+            dispatch[ord(_op.code)] = (lambda n: lambda self: self._refuse_opcode(n))(_op.name)
     del _op
 
 
 def _unpickle(data: bytes, source: str) -> tuple[Any, dict[str, _StorageRef]]:
+    _scan(data, source)  # budgets first: nothing is built from a pickle that fails them
     u = _RestrictedUnpickler(data, source)
     try:
         obj = u.load()
     except CheckpointError:
         raise
+    except _BadRecord as e:
+        raise CheckpointError(f"{source}: {e}; the file is corrupt or not a weight file") from None
     except RecursionError as e:
         raise CheckpointError(f"{source}: data.pkl is nested too deeply to be a state dict") from e
     except Exception as e:  # any malformed pickle: EOFError, UnpicklingError, TypeError, struct.error...
-        raise CheckpointError(f"{source}: data.pkl is corrupt ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{source}: data.pkl is corrupt ({type(e).__name__}: {str(e)[:200]}); "
                               "re-download the file and check it against checklist.chk") from e
     return obj, u.storages
 
@@ -307,7 +563,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # a Python int: no int64 wrap-around
 
     @property
     def itemsize(self) -> int:
@@ -352,7 +608,7 @@ class Checkpoint:
     def __init__(self, path: Path, tensors: dict[str, TensorInfo]) -> None:
         self.path = path
         self.tensors = tensors
-        self._reader: BlockReader | None = BlockReader(path)
+        self._reader: BlockReader | None = BlockReader(path, error=CheckpointError)
 
     @property
     def nbytes(self) -> int:
@@ -442,12 +698,47 @@ def _data_offset(path: Path, file_size: int, info: zipfile.ZipInfo, fd: int) -> 
     it to align data to 64 bytes) differs from the central directory's."""
     h = info.header_offset
     # a 30-byte pread per storage: the index is read without touching the tensor data
-    header = os.pread(fd, 30, h) if h + 30 <= file_size else b""
+    header = os.pread(fd, 30, h) if h >= 0 and h + 30 <= file_size else b""
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path} is truncated or corrupt: no local header for {info.filename}; "
+        raise CheckpointError(f"{path} is truncated or corrupt: no local header for {_brief(info.filename)}; "
                               "download it again and check it against checklist.chk")
     name_len, extra_len = struct.unpack_from("<HH", header, 26)
     return h + 30 + name_len + extra_len
+
+
+def _stored_record(path: Path, file_size: int, info: zipfile.ZipInfo, fd: int) -> tuple[int, int]:
+    """(byte offset, size) of a record's bytes in the file, if torch could have written it: stored
+    as is (torch never compresses or encrypts; its reader maps the bytes in place) and inside the file."""
+    what = _brief(info.filename)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: record {what} is compressed (zip method {info.compress_type}), which "
+                              "torch.save never does; this is not a torch checkpoint, re-download it")
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: record {what} is encrypted, which torch.save never does; "
+                              "this is not a torch checkpoint, re-download it")
+    if info.compress_size != info.file_size:
+        raise CheckpointError(f"{path}: record {what} is stored but its two sizes differ "
+                              f"({info.compress_size} and {info.file_size}); the file is corrupt, download it again")
+    start = _data_offset(path, file_size, info, fd)
+    if start + info.file_size > file_size:
+        raise CheckpointError(f"{path} is truncated: record {what} ends at byte {start + info.file_size} "
+                              f"of a {file_size}-byte file; download it again")
+    return start, info.file_size
+
+
+def _read_record(path: Path, file_size: int, info: zipfile.ZipInfo, fd: int, limit: int) -> bytes:
+    """A small record read whole (data.pkl, byteorder): at most `limit` bytes, CRC-checked."""
+    if info.file_size > limit:
+        raise CheckpointError(f"{path}: {_brief(info.filename)} is {info.file_size} bytes; a state dict's is far "
+                              f"smaller (at most {limit}). Refusing it")
+    start, size = _stored_record(path, file_size, info, fd)
+    data = os.pread(fd, size, start)
+    if len(data) != size:
+        raise CheckpointError(f"{path} is truncated ({_brief(info.filename)}); download it again")
+    if zlib.crc32(data) != info.CRC:
+        raise CheckpointError(f"{path}: {_brief(info.filename)} fails its CRC check; the file is damaged, "
+                              "download it again and check it against checklist.chk")
+    return data
 
 
 def _find_pickle(path: Path, names: list[str]) -> str:
@@ -471,22 +762,48 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         UnsafePickleError: the pickle asks for anything beyond tensors and storages.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return _open(path, f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
-    except PermissionError:
-        raise CheckpointError(f"{path} is not readable (permission denied)") from None
+    fd = open_input(path, CheckpointError)  # a regular file: never a FIFO, a device or a directory
+    with os.fdopen(fd, "rb") as f:
+        return _open(path, f)
+
+
+class _BoundedReads(io.RawIOBase):
+    """The file as zipfile sees it: no single read may ask for more than MAX_DIRECTORY_BYTES, so a
+    central directory that claims to be huge is refused instead of read into memory whole."""
+
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self._f, self._path = f, path
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_DIRECTORY_BYTES:
+            left = os.fstat(self._f.fileno()).st_size - self._f.tell()
+            n = left if n is None or n < 0 else min(n, left)
+            if n > MAX_DIRECTORY_BYTES:
+                raise CheckpointError(f"{self._path}: its zip directory claims {n} bytes; a checkpoint's is far "
+                                      f"smaller (at most {MAX_DIRECTORY_BYTES}). Refusing it")
+        return self._f.read(n)
 
 
 def _open(path: Path, f: BinaryIO) -> Checkpoint:
     head = f.read(512)
+    f.seek(0)
     try:
-        zf = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        zf = zipfile.ZipFile(_BoundedReads(f, path))  # type: ignore[arg-type]
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only the stdlib's parser of this file's bytes runs here
         raise _not_a_zip(path, head) from e
     with zf:
         tensors = _read_index(path, zf, os.fstat(f.fileno()).st_size, f.fileno())
@@ -498,54 +815,41 @@ def _read_index(path: Path, zf: zipfile.ZipFile, file_size: int, fd: int) -> dic
     pkl_name = _find_pickle(path, list(infos))
     prefix = pkl_name[: -len("data.pkl")]
     byteorder = infos.get(prefix + "byteorder")
-    if byteorder is not None and _read_small(path, zf, byteorder) not in (b"little", b"little\n"):
+    if (byteorder is not None and _read_record(path, file_size, byteorder, fd, MAX_SMALL_RECORD)
+            not in (b"little", b"little\n")):
         raise CheckpointError(f"{path} was saved on a big-endian machine; re-save it on x86 or ARM")
-    pkl_info = infos[pkl_name]
-    if pkl_info.file_size > MAX_PICKLE_BYTES:
-        raise CheckpointError(f"{path}: data.pkl is {pkl_info.file_size} bytes, far too big for a state dict")
-    obj, storages = _unpickle(_read_small(path, zf, pkl_info), str(path))
+    pkl = _read_record(path, file_size, infos[pkl_name], fd, MAX_PICKLE_BYTES)
+    obj, storages = _unpickle(pkl, str(path))
+    del pkl
 
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if type(obj) not in (dict, _StateDict):
+        raise CheckpointError(f"{path} holds {_brief(obj)}, not a state dict of tensors")
 
     # where each storage's bytes lie in the file
     located: dict[str, tuple[int, int]] = {}  # key -> (byte offset, byte size)
     for key, ref in storages.items():
         info = infos.get(f"{prefix}data/{key}")
         if info is None:
-            raise CheckpointError(f"{path}: storage record data/{key} is missing; the file is corrupt, "
+            raise CheckpointError(f"{path}: storage record data/{_brief(key)[1:-1]} is missing; the file is corrupt, "
                                   "download it again")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{path}: storage data/{key} is compressed, which torch.save never does; "
-                                  "re-save it with torch.save")
-        start = _data_offset(path, file_size, info, fd)
-        if start + info.file_size > file_size:
-            raise CheckpointError(f"{path} is truncated: storage data/{key} ends at byte "
-                                  f"{start + info.file_size} of a {file_size}-byte file; download it again")
+        start, size = _stored_record(path, file_size, info, fd)
         itemsize = ref.stype.dtype.itemsize if ref.stype.dtype is not None else 1
-        if ref.numel * itemsize != info.file_size:
-            raise CheckpointError(f"{path}: storage data/{key} has {info.file_size} bytes but the pickle "
-                                  f"says {ref.numel} x {itemsize}; the file is corrupt")
-        located[key] = (start, info.file_size)
+        if ref.numel * itemsize != size:
+            raise CheckpointError(f"{path}: storage data/{_brief(key)[1:-1]} has {size} bytes but the pickle "
+                                  f"says {_brief(ref.numel)} x {itemsize}; the file is corrupt")
+        located[key] = (start, size)
 
     tensors: dict[str, TensorInfo] = {}
     for name, rec in obj.items():
         if not isinstance(rec, _TensorRecord):
             continue  # non-tensor entries (a version number, say) carry no weights
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path}: tensor name {name!r:.80} is not a string")
+        if type(name) is not str or len(name) > MAX_NAME_CHARS:
+            raise CheckpointError(f"{path}: tensor name {_brief(name)} is not a weight's name (a string of at most "
+                                  f"{MAX_NAME_CHARS} characters)")
         tensors[name] = _tensor_info(path, name, rec, located[rec.storage.key])
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors; is it a Meta consolidated.NN.pth?")
     return tensors
-
-
-def _read_small(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    try:
-        return zf.read(info)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({info.filename}: {e}); "
-                              "download it again and check it against checklist.chk") from e
 
 
 def _tensor_info(path: Path, name: str, rec: _TensorRecord, where: tuple[int, int]) -> TensorInfo:
@@ -558,10 +862,10 @@ def _tensor_info(path: Path, name: str, rec: _TensorRecord, where: tuple[int, in
         raise CheckpointError(f"{path}: tensor {name} is not contiguous (shape {rec.shape}, stride "
                               f"{rec.stride}); re-save it with `.contiguous()` applied to every tensor")
     start, size = where
-    numel = int(np.prod(rec.shape, dtype=np.int64))
+    numel = math.prod(rec.shape)  # Python ints: a shape whose product wraps int64 is still refused
     end = (rec.offset + numel) * dt.itemsize if numel else 0
     if end > size:
-        raise CheckpointError(f"{path}: tensor {name} (offset {rec.offset}, shape {rec.shape}) runs past "
+        raise CheckpointError(f"{path}: tensor {name} (offset {rec.offset}, shape {list(rec.shape)}) runs past "
                               f"the end of its storage ({size} bytes); the file is corrupt")
     np_dtype: np.dtype | str = BF16 if dt is _BF16 else np.dtype(dt.np_dtype)
     return TensorInfo(name, np_dtype, rec.shape, rec.stride, rec.storage.key, rec.offset,

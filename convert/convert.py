@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, Queue
@@ -33,6 +34,7 @@ from llamalocal.convert.errors import (
     ChecksumError,
     DiskSpaceError,
     OutputExistsError,
+    Terminated,
 )
 from llamalocal.convert.families import (
     ROPE_FREQS,
@@ -66,6 +68,9 @@ CHECKLIST = "checklist.chk"
 TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
 BLOCK_ELEMENTS = 4 * 2**20  # values read and handed to a worker at a time (8 MiB of fp16)
 DISK_MARGIN = 64 * 1024 * 1024
+# Rows an embedding may have beyond the tokenizer's pieces (Code Llama: 16); more means the two do
+# not belong together, and padding a vocabulary to a hostile row count would not end.
+MAX_VOCAB_PADDING = 1024
 
 
 class Progress(Protocol):
@@ -378,7 +383,7 @@ def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, 
     Returns the pending checks and the bytes they will hash."""
     checks, nbytes = [], 0
     for folder, listing in ((model_dir, CHECKLIST), (tok_path.parent, TOKENIZER_CHECKLIST)):
-        if not (folder / listing).is_file():
+        if not (folder / listing).exists():  # one that is not a regular file is refused by read_checklist
             if listing == TOKENIZER_CHECKLIST and folder.resolve() == model_dir.resolve():
                 continue  # Llama-3: tokenizer.model sits beside the shards, listed in checklist.chk
             warnings.append(f"no {listing} in {folder}: file integrity not verified")
@@ -405,6 +410,38 @@ def _start_verifying(model_dir: Path, tok_path: Path, pool: ThreadPoolExecutor, 
 
         checks.append(pool.submit(check))
     return checks, nbytes
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM and SIGHUP end a conversion the way Ctrl-C does: as an exception (Terminated) in
+    the main thread, so the partial output is removed on the way out. A signal the process ignores
+    (SIGHUP under nohup) stays ignored; a second one during the cleanup is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _display_name(model_dir: Path) -> str:
+    """The model's name for general.name (the folder's, or its parent's for `original/`): valid UTF-8
+    even if the name on disk is not."""
+    return model_name(model_dir).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _raise_failed(checks: list[Future]) -> None:
@@ -469,6 +506,7 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     cancel = threading.Event()
     with ThreadPoolExecutor(2) as hashers, ExitStack() as stack:
         stack.callback(cancel.set)  # however this ends, stop hashing first
+        stack.enter_context(_signals_as_exceptions())
         checks, hashed_bytes = (_start_verifying(model_dir, tok_path, hashers, shared, cancel, warnings, notes,
                                                  reverify) if verify else ([], 0))
         try:
@@ -485,6 +523,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             if len(vocab) > n_vocab:
                 raise BadInputError(f"{tok_path} has {len(vocab)} tokens but the model's embedding has {n_vocab}; "
                                     "the tokenizer belongs to another model")
+            if n_vocab - len(vocab) > MAX_VOCAB_PADDING:
+                raise BadInputError(f"the model's embedding has {n_vocab} rows but {tok_path} only {len(vocab)} "
+                                    "tokens; the tokenizer belongs to another model")
             vocab = vocab.padded(n_vocab)
             for t in plans:
                 if t.split_dim is None and t.values is None and len(shards) > 1:
@@ -498,7 +539,7 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
 
             w = StreamingGGUFWriter(out)
             ctx = n_ctx or family.n_ctx
-            _write_metadata(w, p, vocab, pre, name or model_name(model_dir), ctx, family, is_instruct(model_dir))
+            _write_metadata(w, p, vocab, pre, name or _display_name(model_dir), ctx, family, is_instruct(model_dir))
             for t in plans:
                 w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
             try:

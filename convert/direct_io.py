@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from llamalocal.convert import native
+from llamalocal.convert.errors import BadInputError
+from llamalocal.convert.inputs import open_input, same_file
 
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned; 4 KiB suits every disk
 _DIRECT = getattr(os, "O_DIRECT", 0)
@@ -47,14 +49,21 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def _open_direct(path: Path, flags: int) -> int | None:
-    """A second descriptor with O_DIRECT, or None where the OS or filesystem (tmpfs, ...) has none."""
+def _open_direct(path: Path, flags: int, like: int) -> int | None:
+    """A second descriptor with O_DIRECT on the file `like` is open on, or None where the OS or
+    filesystem (tmpfs, ...) has none. It is opened by name, so it is kept only if it is that same
+    file (O_NONBLOCK: whatever the name has become, the open returns at once)."""
     if not _DIRECT:
         return None
     try:
-        return os.open(path, flags | _DIRECT)
+        fd = os.open(path, flags | _DIRECT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    if not same_file(fd, like):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _no_cache_hint(fd: int) -> None:
@@ -80,10 +89,11 @@ class BlockReader:
     `aligned_empty`) and returns the view of `buf` holding exactly those bytes.
     """
 
-    def __init__(self, path: str | Path, *, direct: bool = True) -> None:
+    def __init__(self, path: str | Path, *, direct: bool = True,
+                 error: type[BadInputError] = BadInputError) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self._direct_fd = _open_direct(self.path, os.O_RDONLY) if direct else None
+        self._fd = open_input(self.path, error)  # a regular file, or `error`: never a FIFO or a device
+        self._direct_fd = _open_direct(self.path, os.O_RDONLY, self._fd) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
         self.cached_bytes = 0  # bytes found in the page cache and copied from there
@@ -92,6 +102,11 @@ class BlockReader:
     def direct(self) -> bool:
         """Whether reads that miss the page cache bypass it."""
         return self._direct_fd is not None
+
+    @property
+    def size(self) -> int:
+        """The file's size now (of the file opened, whatever its name has become since)."""
+        return os.fstat(self._fd).st_size
 
     @staticmethod
     def buffer_size(nbytes: int) -> int:
@@ -167,10 +182,12 @@ class AppendWriter:
     fsyncs; `abort()` only closes.
     """
 
-    def __init__(self, path: str | Path, start: int, *, staging: int = 8 * 2**20, direct: bool = True) -> None:
+    def __init__(self, path: str | Path, start: int, *, staging: int = 8 * 2**20, direct: bool = True,
+                 fd: int | None = None) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR)
-        self._direct_fd = _open_direct(self.path, os.O_WRONLY) if direct else None
+        # `fd`: a read-write descriptor of `path` the caller created (kept open by the caller too)
+        self._fd = os.dup(fd) if fd is not None else os.open(self.path, os.O_RDWR)
+        self._direct_fd = _open_direct(self.path, os.O_WRONLY, self._fd) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
         self._buf = aligned_empty(_round_up(max(staging, ALIGN)))

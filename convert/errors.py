@@ -40,3 +40,17 @@ class OutputExistsError(BadInputError):
 
 class DiskSpaceError(LlamalocalError):
     """Not enough free disk for the output."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived during a conversion. Raised in the main thread, like
+    KeyboardInterrupt for Ctrl-C, so every cleanup on the way out runs (the partial output is
+    removed); not an error. The CLI exits with 128 + the signal number, as the shell would."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -177,8 +178,24 @@ def quantize_requires_imatrix(qtype: int) -> bool:
     return bool(library("ggml-base").ggml_quantize_requires_imatrix(qtype))
 
 
-def validate_row_data(qtype: int, data: int, nbytes: int) -> bool:
-    return bool(library("ggml-base").ggml_validate_row_data(qtype, data, nbytes))
+_STDERR_LOCK = threading.Lock()
+
+
+def validate_row_data(qtype: int, data: int, nbytes: int, *, quiet: bool = False) -> bool:
+    """ggml_validate_row_data; `quiet`: with file descriptor 2 pointed at /dev/null meanwhile, as
+    ggml fprintf()s each bad block it finds (the caller reports the failure itself)."""
+    fn = library("ggml-base").ggml_validate_row_data
+    if not quiet:
+        return bool(fn(qtype, data, nbytes))
+    with _STDERR_LOCK:
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            return bool(fn(qtype, data, nbytes))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
 
 
 def block_size(qtype: int) -> int:

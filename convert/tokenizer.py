@@ -20,9 +20,11 @@ import gguf
 
 from llamalocal.convert import tiktoken_bpe
 from llamalocal.convert.errors import BadInputError
+from llamalocal.convert.inputs import read_input
 
 TOKENIZER_FILE = "tokenizer.model"
 SPM, TIKTOKEN = "spm", "tiktoken"
+MAX_TOKENIZER_BYTES = 64 * 2**20  # LLaMA's is 500 KB, Llama-3's 2.2 MB
 
 # sentencepiece ModelProto.SentencePiece.Type -> GGUF token type (the numbers happen to agree;
 # the table keeps that an explicit fact rather than a coincidence).
@@ -127,7 +129,7 @@ def load_vocab(path: Path) -> Vocab:
     Raises:
         BadInputError: the file is neither, or is damaged.
     """
-    data = Path(path).read_bytes()
+    data = read_input(Path(path), MAX_TOKENIZER_BYTES)
     if tiktoken_bpe.looks_like_tiktoken(data):
         return _load_tiktoken(data, Path(path))
     return _load_sentencepiece(data, Path(path))
@@ -147,6 +149,11 @@ def _load_sentencepiece(data: bytes, path: Path) -> Vocab:
                             "re-download tokenizer.model") from e
     if len(proto.pieces) == 0 or proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM=1, BPE=2
         raise BadInputError(f"{path} is not a LLaMA sentencepiece model (no pieces or unsupported model type)")
+    missing = [what for what, i in (("BOS (<s>)", sp.bos_id()), ("EOS (</s>)", sp.eos_id()), ("unknown", sp.unk_id()))
+               if not 0 <= i < len(proto.pieces)]
+    if missing:
+        raise BadInputError(f"{path} has no {' or '.join(missing)} piece, which every LLaMA tokenizer has; "
+                            "re-download tokenizer.model")
     pieces = proto.pieces
     return Vocab(
         tokens=[p.piece for p in pieces],

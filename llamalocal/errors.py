@@ -10,11 +10,12 @@ from llamalocal.convert.errors import (
     DiskSpaceError,
     LlamalocalError,
     OutputExistsError,
+    Terminated,
     UnsafePickleError,
 )
 
 __all__ = ["BadInputError", "CheckpointError", "ChecksumError", "DiskSpaceError", "GGUFError", "LlamalocalError",
-           "ModelNotFoundError", "OutputExistsError", "PlanError", "UnsafePickleError"]
+           "ModelNotFoundError", "OutputExistsError", "PlanError", "Terminated", "UnsafePickleError"]
 
 
 class ModelNotFoundError(BadInputError):

@@ -3,7 +3,8 @@
 Each group of verbs lives in its own module (convert, run, plan, serve, measure) and only
 parses flags, calls library functions and prints. Heavy imports (llama_cpp, numpy) happen
 inside the commands so `--help` is instant. Library errors become one line on stderr and
-an exit code here, and nowhere else.
+an exit code here, and nowhere else; `printable` is how any text that may carry a file's content
+(a tensor name, a folder name, a checklist line) reaches the terminal.
 """
 
 from __future__ import annotations
@@ -13,21 +14,48 @@ import sys
 import click
 
 from llamalocal import __version__
-from llamalocal.errors import LlamalocalError
+from llamalocal.errors import LlamalocalError, Terminated
+
+MAX_MESSAGE_CHARS = 2000  # a message longer than this is cut (a hostile name can be megabytes)
+
+
+def _escape(ch: str) -> str:
+    n = ord(ch)
+    if 0xDC80 <= n <= 0xDCFF:  # a byte that was not UTF-8 (a file name decoded with surrogateescape)
+        return f"\\x{n - 0xDC00:02x}"
+    if n <= 0xFF:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{n:02x}")
+    return f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+
+def printable(text: str) -> str:
+    """`text` as one line that the terminal shows as it is: newlines, escape sequences (ANSI
+    colours, cursor moves), other control and format characters (bidi overrides), separators and
+    undecodable bytes are written as Python escapes (\\n, \\x1b, \\u202e), and the whole is cut
+    at MAX_MESSAGE_CHARS. A file cannot make a message span lines or fake another one."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() or ch == " " else _escape(ch) for ch in text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+    return text
 
 
 class _Group(click.Group):
-    """Root group: maps LlamalocalError to a one-line message and its exit code, Ctrl-C to 130."""
+    """Root group: maps LlamalocalError to a one-line message and its exit code, Ctrl-C to 130,
+    SIGTERM/SIGHUP during a conversion to 128 + the signal."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except LlamalocalError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {printable(str(e))}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             ctx.exit(130)
+        except Terminated as e:
+            click.echo("\nTerminated; nothing was kept.", err=True)
+            ctx.exit(e.exit_code)
         except BrokenPipeError:
             # `llamalocal generate ... | head` closing the pipe early is not an error
             sys.stderr.close()

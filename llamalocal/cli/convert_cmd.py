@@ -95,6 +95,7 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
       llamalocal convert ~/llama/llama-2-7b-chat --q5_k_m -o chat-q5.gguf
       llamalocal convert Llama3.1-8B-Instruct --q4_k_m
     """
+    from llamalocal.cli import printable
     from llamalocal.convert.convert import convert as run_convert
     from llamalocal.convert.presets import parse_preset
     from llamalocal.errors import BadInputError
@@ -117,9 +118,9 @@ def convert(model: str, preset_flag: str | None, preset_type: str | None, outfil
         for note in result.notes:
             click.echo(note, err=True)
         for w in result.warnings:
-            click.echo(f"Warning: {w}", err=True)
+            click.echo(f"Warning: {printable(w)}", err=True)
         click.echo(
-            f"Wrote {result.path} ({result.preset}): {_count(result.n_params)} parameters, "
+            f"Wrote {printable(str(result.path))} ({result.preset}): {_count(result.n_params)} parameters, "
             f"{human_bytes(result.file_bytes)}, {result.bits_per_weight:.2f} bits/weight, "
             f"{result.seconds:.1f} s", err=True)
         click.echo(f"Model: {_describe(result, rope_scaling_factor)}", err=True)
