@@ -24,7 +24,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}"
-TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize")
+TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix")
 
 
 def cache_dir() -> Path:
@@ -83,7 +83,7 @@ def tool(name: str) -> Path | None:
 
 
 def build(sdist: Path | None = None, jobs: int = 2) -> Path:
-    """Configure and build the three tools (CPU only, no network features); returns the bin dir."""
+    """Configure and build the tools (CPU only, no network features); returns the bin dir."""
     if all(tool(t) for t in TARGETS):
         _log(f"reusing the finished build in {bin_dir()}")
         return bin_dir()
