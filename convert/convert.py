@@ -35,6 +35,7 @@ from llamalocal.convert.errors import (
     OutputExistsError,
 )
 from llamalocal.convert.gguf_out import StreamingGGUFWriter
+from llamalocal.convert.imatrix_file import Imatrix, match_model, read_imatrix
 from llamalocal.convert.merge import ShardSlice, blocks, check_replicated, merged_shape
 from llamalocal.convert.params import ModelParams, load_params
 from llamalocal.convert.quantize import quantize_block, quantized_nbytes
@@ -71,6 +72,7 @@ class TensorPlan:
     split_dim: int | None
     qtype: gguf.GGMLQuantizationType
     nbytes: int
+    importance: np.ndarray | None = None  # float32 per column, from an imatrix
 
 
 @dataclass
@@ -82,6 +84,7 @@ class ConvertResult:
     seconds: float
     tensors: list[TensorPlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    imatrix_entries: int = 0  # importance-matrix entries used (0: quantized without one)
 
     @property
     def bits_per_weight(self) -> float:
@@ -123,7 +126,8 @@ def expected_shapes(p: ModelParams, n_vocab: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset) -> tuple[list[TensorPlan], int]:
+def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset,
+                  has_imatrix: bool = False) -> tuple[list[TensorPlan], int]:
     """Check names and shapes against params.json; choose each tensor's output type."""
     names = [n for n in shards[0].tensors if n not in SKIPPED]
     for i, s in enumerate(shards[1:], start=1):
@@ -164,7 +168,7 @@ def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset) -> tuple
     for t in ordered:
         i_layer = int(t.gguf_name.split(".")[1]) if t.gguf_name.startswith("blk.") else None
         t.qtype = presets.tensor_type(preset, t.gguf_name, t.shape, n_layers=p.n_layers, n_head=p.n_heads,
-                                      n_head_kv=p.kv_heads, i_layer=i_layer)
+                                      n_head_kv=p.kv_heads, i_layer=i_layer, has_imatrix=has_imatrix)
         t.nbytes = quantized_nbytes(t.shape, t.qtype)
     return ordered, n_vocab
 
@@ -188,6 +192,62 @@ def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset
     if p.rope_theta is not None:
         g.add_rope_freq_base(p.rope_theta)
     add_to_gguf(g, vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance matrix
+# ---------------------------------------------------------------------------------------------
+
+_IMATRIX_HINT = ("compute one with `llamalocal imatrix MODEL.gguf -f TEXT -o FILE` and pass --imatrix FILE, "
+                 "or let `convert --calibrate TEXT` do both")
+
+
+def _refuse_without_imatrix(p: ModelParams, preset: presets.Preset) -> None:
+    """llama.cpp refuses a file some of whose tensors cannot be made without an importance matrix;
+    params.json alone says which, so refuse before a shard is opened."""
+    for meta, shape in expected_shapes(p, n_vocab=1).items():  # token_embd / output never need one
+        found = lookup(meta)
+        if found is None:
+            continue
+        name = found[0]
+        i_layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        t = presets.tensor_type(preset, name, shape, n_layers=p.n_layers, n_head=p.n_heads, n_head_kv=p.kv_heads,
+                                i_layer=i_layer)
+        if presets.requires_imatrix(preset, name, t):
+            raise BadInputError(f"--{preset.name} needs an importance matrix ({name} would be {t.name}); "
+                                + _IMATRIX_HINT)
+
+
+def _attach_importance(plans: list[TensorPlan], preset: presets.Preset, imx: Imatrix, source: str) -> list[str]:
+    """Check the imatrix against the model (names, columns) and give each tensor its importance,
+    as llama-quantize looks it up: by GGUF name, for every tensor that is quantized."""
+    columns = {t.gguf_name: t.shape[-1] for t in plans if len(t.shape) == 2}
+    calibrated = [t.gguf_name for t in plans if len(t.shape) == 2 and t.gguf_name.startswith("blk.")]
+    warnings = match_model(imx, source, columns, calibrated)
+    for t in plans:
+        if preset.quantized and len(t.shape) == 2 and t.qtype not in (gguf.GGMLQuantizationType.F32,
+                                                                       gguf.GGMLQuantizationType.F16):
+            t.importance = imx.importance(t.gguf_name)
+        if t.importance is None and presets.requires_imatrix(preset, t.gguf_name, t.qtype):
+            raise BadInputError(f"{source} has no entry for {t.gguf_name}, which --{preset.name} stores as "
+                                f"{t.qtype.name} and cannot make without one; " + _IMATRIX_HINT)
+    return warnings
+
+
+def _write_imatrix_metadata(w: StreamingGGUFWriter, imx: Imatrix, source: str) -> None:
+    """What llama-quantize records (its kv overrides: strings cut to 127 bytes, counts as u32)."""
+    from llamalocal.convert import imatrix_file as f
+
+    def cut(text: str) -> str:
+        return text.encode()[:f.QUANTIZE_STR_MAX].decode(errors="ignore")
+
+    g = w.gguf
+    g.add_string(f.KEY_QUANTIZE_FILE, cut(source))
+    if imx.datasets:
+        g.add_string(f.KEY_QUANTIZE_DATASET, cut(imx.datasets[0]))
+    g.add_uint32(f.KEY_QUANTIZE_ENTRIES, len(imx.entries))
+    if imx.chunk_count > 0:
+        g.add_uint32(f.KEY_QUANTIZE_CHUNKS, imx.chunk_count)
 
 
 class _Slot:
@@ -246,7 +306,7 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
     def work(t: TensorPlan, parts: list[tuple[np.ndarray, bool]], slot: _Slot, first_row: int) -> np.ndarray:
         nbytes = parts[0][0].shape[0] * t.nbytes // (t.shape[0] if len(t.shape) == 2 else 1)
         try:
-            return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row)
+            return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row, importance=t.importance)
         except ValueError as e:
             raise CheckpointError(f"{t.meta_name}: {e}; the checkpoint is damaged, download it again") from None
 
@@ -329,7 +389,8 @@ def _raise_failed(checks: list[Future]) -> None:
 
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
             force: bool = False, verify: bool = True, n_ctx: int | None = None, threads: int | None = None,
-            name: str | None = None, progress: Progress | None = None) -> ConvertResult:
+            name: str | None = None, progress: Progress | None = None,
+            imatrix: str | Path | Imatrix | None = None) -> ConvertResult:
     """Convert a Meta checkpoint directory to one GGUF file.
 
     Args:
@@ -342,6 +403,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         n_ctx: context length to record; default Meta's (2048 LLaMA-1, 4096 Llama-2, 16384 Code Llama).
         threads: worker threads; default every core.
         progress: receives stages and byte counts.
+        imatrix: an importance matrix (llama.cpp's GGUF or legacy .dat file, or one read
+            already) whose per-column weights go to ggml's quantizer, as `llama-quantize
+            --imatrix` uses them; checked against the model before any work.
 
     Returns:
         ConvertResult with the path, sizes and time.
@@ -365,7 +429,14 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     if not os.access(out.parent, os.W_OK):
         raise BadInputError(f"cannot write in {out.parent} (permission denied); choose another --outfile")
 
+    imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
+    imatrix_source = str(imatrix) if imx is not None and not isinstance(imatrix, Imatrix) else "imatrix"
+    if imx is not None and not pre.quantized:
+        raise BadInputError(f"--imatrix applies to quantized presets; --{pre.name} stores every weight as is")
+
     p = load_params(model_dir)
+    if imx is None:
+        _refuse_without_imatrix(p, pre)
     files = shard_files(model_dir)
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
@@ -379,7 +450,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         try:
             vocab = load_vocab(tok_path)
             shards = [stack.enter_context(open_checkpoint(f)) for f in files]
-            plans, n_vocab = _plan_tensors(shards, p, pre)
+            plans, n_vocab = _plan_tensors(shards, p, pre, has_imatrix=imx is not None)
+            if imx is not None:
+                warnings += _attach_importance(plans, pre, imx, imatrix_source)
             if len(vocab) > n_vocab:
                 raise BadInputError(f"{tok_path} has {len(vocab)} tokens but the model's embedding has {n_vocab}; "
                                     "the tokenizer belongs to another model")
@@ -396,6 +469,8 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
 
             w = StreamingGGUFWriter(out)
             _write_metadata(w, p, vocab, pre, name or model_dir.resolve().name, n_ctx or p.n_ctx)
+            if imx is not None:
+                _write_imatrix_metadata(w, imx, imatrix_source)
             for t in plans:
                 w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
             try:
@@ -416,7 +491,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             raise
 
     n_params = sum(int(_numel(t.shape)) for t in plans)
-    return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings)
+    used = sum(t.importance is not None for t in plans)
+    return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings,
+                         imatrix_entries=used)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -125,10 +125,11 @@ def _read_gguf(p: Path) -> Imatrix:
     import gguf
 
     r = gguf.GGUFReader(str(p))
-    general_type = r.fields.get("general.type")
-    if general_type is not None and general_type.contents() != GENERAL_TYPE:
-        raise BadInputError(f"{p} is a GGUF {general_type.contents()!r} file, not an imatrix; "
-                            f"pass the file `llamalocal imatrix` (or llama-imatrix) wrote")
+    general_type = r.fields.get(gguf.Keys.General.TYPE)
+    kind = general_type.contents() if general_type is not None else None
+    if kind not in (None, GENERAL_TYPE) or gguf.Keys.General.ARCHITECTURE in r.fields:
+        raise BadInputError(f"{p} is a GGUF {kind or 'model'} file, not an imatrix; pass the file "
+                            "`llamalocal imatrix` (or llama-imatrix) wrote")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     for t in r.tensors:

@@ -253,3 +253,87 @@ def summary(r: ImatrixResult) -> str:
     ppl = f"PPL {r.ppl:.4f} +/- {r.ppl_stderr:.5f}" if math.isfinite(r.ppl) else "PPL —"
     return (f"{len(r.imatrix.entries)} weights, {r.chunks} chunks of {r.n_ctx} tokens, {ppl}, "
             f"{r.seconds:.1f} s ({r.tokens_per_second:.0f} tokens/s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# convert --calibrate: an imatrix for a Meta checkpoint, from a GGUF of it beside it
+
+
+CALIBRATION_BASES = ("f16", "q8_0", "f32")  # what an imatrix is computed on, in order of preference
+CALIBRATION_MADE = "q8_0"  # what is made when none exists: half of f16, and the same imatrix to ~0.1 %
+
+
+def imatrix_file_for(model_dir: Path, text_file: Path) -> Path:
+    """Where `convert --calibrate` keeps the imatrix of a checkpoint for a calibration text."""
+    return Path(model_dir) / f"imatrix-{Path(text_file).stem}.gguf"
+
+
+def calibration_base(model_dir: Path) -> Path | None:
+    """An f16 / q8_0 / f32 GGUF `llamalocal convert` wrote beside the checkpoint, of this model."""
+    from llamalocal.convert.convert import default_outfile
+    from llamalocal.convert.params import load_params
+    from llamalocal.convert.presets import PRESETS
+    from llamalocal.model_desc import read_model_desc
+
+    p = load_params(model_dir)
+    for name in CALIBRATION_BASES:
+        path = default_outfile(model_dir, PRESETS[name])
+        if not path.is_file():
+            continue
+        try:
+            desc = read_model_desc(path)
+        except LlamalocalError:
+            continue  # damaged or partial: not something to calibrate on
+        if (desc.n_layers, desc.n_embd, desc.n_head) == (p.n_layers, p.dim, p.n_heads):
+            return path
+    return None
+
+
+def calibrate(model_dir: Path, text_file: Path, *, n_ctx: int = DEFAULT_CTX, chunks: int | None = None,
+              threads: int | None = None, n_gpu_layers: int | str = "auto", verify: bool = True,
+              say: Callable[[str], None] = lambda m: None, convert_progress: Any = None,
+              progress: ProgressFn | None = None) -> Path:
+    """The imatrix of the checkpoint in `model_dir` for `text_file`, made if need be.
+
+    Reuses an imatrix made earlier for the same text and window; otherwise computes one on an
+    f16 / q8_0 GGUF of the model found beside the checkpoint, converting a q8_0 first (and
+    keeping it) when there is none. Every step that costs time or disk is announced via `say`.
+
+    Returns:
+        The imatrix file (MODEL_DIR/imatrix-<text name>.gguf).
+    """
+    from llamalocal.convert.convert import convert, default_outfile, expected_shapes
+    from llamalocal.convert.imatrix_file import read_imatrix, write_imatrix
+    from llamalocal.convert.params import load_params
+    from llamalocal.convert.presets import PRESETS
+    from llamalocal.perplexity import read_text
+
+    model_dir, text_file = Path(model_dir), Path(text_file)
+    text = read_text(text_file)  # a missing text is an error now, not after a conversion
+    target = imatrix_file_for(model_dir, text_file)
+    if target.is_file():
+        try:
+            old = read_imatrix(target)
+        except BadInputError:
+            old = None
+        if old is not None and old.datasets == [str(text_file)] and old.chunk_size == n_ctx:
+            say(f"using the imatrix made earlier for {text_file} ({target}, {old.chunk_count} chunks of "
+                f"{old.chunk_size} tokens); delete it to compute it again")
+            return target
+
+    base = calibration_base(model_dir)
+    if base is None:
+        made = PRESETS[CALIBRATION_MADE]
+        p = load_params(model_dir)
+        n = sum(math.prod(s) for s in expected_shapes(p, n_vocab=32000).values())
+        say(f"no {' / '.join(CALIBRATION_BASES)} GGUF of {model_dir.name} beside it: converting to "
+            f"{made.name} first to calibrate on (about {n * made.bits_per_weight / 8 / 2**30:.1f} GiB in "
+            f"{model_dir}, kept as {default_outfile(model_dir, made).name} for later runs)")
+        base = convert(model_dir, made, verify=verify, threads=threads, progress=convert_progress).path
+    say(f"computing an importance matrix of {base.name} over {text_file} (windows of {n_ctx} tokens; "
+        "this runs the model over the text once)")
+    result = compute_imatrix(base, text, dataset=str(text_file), n_ctx=n_ctx, chunks=chunks,
+                             n_gpu_layers=n_gpu_layers, threads=threads, progress=progress)
+    write_imatrix(target, result.imatrix)
+    say(f"wrote {target}: {summary(result)}")
+    return target

@@ -51,9 +51,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llamalocal.cli import convert_cmd, measure_cmd, plan_cmd, run_cmd, serve_cmd
+    from llamalocal.cli import convert_cmd, imatrix_cmd, measure_cmd, plan_cmd, run_cmd, serve_cmd
 
-    for module in (convert_cmd, run_cmd, plan_cmd, serve_cmd, measure_cmd):
+    for module in (convert_cmd, imatrix_cmd, run_cmd, plan_cmd, serve_cmd, measure_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 
