@@ -34,7 +34,7 @@ import numpy as np
 from llamalocal.convert import native
 from llamalocal.convert.imatrix_file import Imatrix, ImatrixEntry
 from llamalocal.errors import BadInputError, LlamalocalError
-from llamalocal.perplexity import Running, load_for_scoring, log_softmax, token_nll, tokenize
+from llamalocal.perplexity import Running, load_for_scoring, tokenize
 
 DEFAULT_CTX = 512  # llama-imatrix's default window
 MIN_TOKENS = 16  # llama-imatrix skips matmuls over fewer tokens ("why are small batches ignored?")
@@ -146,6 +146,14 @@ class _Collector:
 # the run
 
 
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, as llama-imatrix computes it: float32 exponentials
+    summed in float64 (a float64 log-softmax of every logit costs more than a small model's decode)."""
+    m = logits.max(axis=1, keepdims=True)
+    total = np.exp(logits - m).sum(axis=1, dtype=np.float64)
+    return np.log(total) + m[:, 0] - logits[np.arange(len(targets)), targets]
+
+
 def plan_chunks(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
     """How many windows to run: llama-imatrix's rule (at least two windows of text)."""
     if n_ctx < MIN_TOKENS:
@@ -223,8 +231,8 @@ def imatrix_of(llm: Any, text: str | bytes, *, dataset: str, n_ctx: int = DEFAUL
                 collector.commit()
                 done += 1
                 # logits at p predict token p+1: positions first .. n_ctx-2 are scored
-                lp = log_softmax(np.concatenate(scored)[:-1])
-                run.add(token_nll(lp, np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx], dtype=np.int64)))
+                targets = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx], dtype=np.int64)
+                run.add(_nll(np.concatenate(scored)[:-1], targets))
                 if progress is not None:
                     progress(done, n_chunks, run.ppl(), run.ppl_stderr())
     except KeyboardInterrupt:
