@@ -555,13 +555,17 @@ class MatmulTap:
             raise e
 
 
+FLASH_ATTN_AUTO = -1  # llama.h's LLAMA_FLASH_ATTN_TYPE_AUTO: on where the backend has it (llama.cpp's default)
+
+
 @contextmanager
-def eval_callback(llm: Any, tap: MatmulTap) -> Iterator[Any]:
+def eval_callback(llm: Any, tap: MatmulTap, *, flash_attn_type: int | None = None) -> Iterator[Any]:
     """Run a llama_cpp.Llama with `tap` as its context's eval callback.
 
     llama-cpp-python takes no cb_eval, so the context it made is freed first (memory stays as the
-    planner planned it) and a new one is made from the same parameters plus the callback. Yields
-    the new llama_context pointer; the Llama is left without a usable context afterwards (close it).
+    planner planned it) and a new one is made from the same parameters plus the callback (and
+    `flash_attn_type`, if given). Yields the new llama_context pointer; the Llama is left without
+    a usable context afterwards (close it).
     """
     import llama_cpp._internals as internals
 
@@ -569,6 +573,8 @@ def eval_callback(llm: Any, tap: MatmulTap) -> Iterator[Any]:
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.cb_eval = tap.c_callback
     params.cb_eval_user_data = None
+    if flash_attn_type is not None:
+        params.flash_attn_type = flash_attn_type
     llm._ctx.close()
     try:
         ctx = internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)

@@ -209,8 +209,9 @@ def imatrix_of(llm: Any, text: str | bytes, *, dataset: str, n_ctx: int = DEFAUL
                              done * n_ctx, len(tokens), time.perf_counter() - t0)
 
     try:
-        with native.eval_callback(llm, tap) as ctx, native.cpu_threadpool(ctx, threads or ctx_threads), \
-                native.TokenBatch(n_batch) as batch:
+        # flash attention as llama-imatrix has it (auto: on for the CPU); the f16 KV cache is the same
+        with native.eval_callback(llm, tap, flash_attn_type=native.FLASH_ATTN_AUTO) as ctx, \
+                native.cpu_threadpool(ctx, threads or ctx_threads), native.TokenBatch(n_batch) as batch:
             for i in range(n_chunks):
                 window = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], dtype=np.int32)
                 if add_bos:

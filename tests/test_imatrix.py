@@ -91,7 +91,7 @@ def test_matches_a_numpy_forward_pass(tiny_checkpoints, converted, text, model):
         got = e.sums.reshape(-1).astype(np.float64)
         assert got.shape == want.shape, name
         worst[name] = float(np.max(np.abs(got - want) / (np.abs(want) + 1e-3 * want.mean())))
-    # llama.cpp keeps K and V in f16: below 1e-3 measured (7e-4 worst, 1e-4 median)
+    # llama.cpp keeps K and V in f16: below 1e-3 measured (6e-4 worst, 6e-5 median)
     assert max(worst.values()) < 5e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
     assert np.median(list(worst.values())) < 1e-3
 
