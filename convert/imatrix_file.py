@@ -251,12 +251,11 @@ def _write_gguf(p: Path, imx: Imatrix) -> None:
     w.add_uint32(KEY_CHUNK_SIZE, imx.chunk_size)
     for name in sorted(imx.entries):
         e = imx.entries[name]
-        sums = np.ascontiguousarray(e.sums, dtype=np.float32)  # ne (n_cols, n_mat)
-        counts = e.counts.astype(np.float32).reshape(-1, 1)     # ne (1, n_mat)
-        if len(e.counts) == 1:  # ggml stores no trailing dimensions of 1 (ggml_n_dims)
-            sums, counts = sums.reshape(-1), counts.reshape(-1)
-        w.add_tensor(name + SUFFIX_SUMS, sums)
-        w.add_tensor(name + SUFFIX_COUNTS, counts)
+        n_mat = len(e.counts)
+        # ne (n_cols, n_mat) and (1, n_mat); ggml stores no trailing dimensions of 1 (ggml_n_dims)
+        sums_shape, counts_shape = ((-1,), (1,)) if n_mat == 1 else ((n_mat, -1), (n_mat, 1))
+        w.add_tensor(name + SUFFIX_SUMS, np.ascontiguousarray(e.sums, dtype=np.float32).reshape(sums_shape))
+        w.add_tensor(name + SUFFIX_COUNTS, e.counts.astype(np.float32).reshape(counts_shape))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

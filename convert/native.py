@@ -580,7 +580,7 @@ def eval_callback(llm: Any, tap: MatmulTap, *, flash_attn_type: int | None = Non
         ctx = internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
     except ValueError as e:
         raise LlamalocalError(f"llama.cpp could not create a context for the eval callback ({e})") from e
-    ctx._llamalocal_keep = (params, tap)  # the callback must outlive every call into the context
+    ctx._llamalocal_keep = (params, tap)  # type: ignore[attr-defined]  # the callback must outlive the context
     llm._ctx = ctx
     try:
         yield ctx.ctx

@@ -212,10 +212,10 @@ def preset_row(preset: str, ckpt: Path, f32: Path, imx: Path, heldout_text: byte
     def ppl(path: Path) -> float:
         return perplexity(path, heldout_text, n_ctx=ctx, chunks=eval_chunks, n_gpu_layers=0, threads=threads).ppl
 
-    row = {"preset": preset, "same_types": same_types, "identical_tensors": identical, "tensors": len(b),
-           "same_metadata": quantize_fields(ours) == quantize_fields(peer),
-           "ppl_ours": ppl(ours), "ppl_peer": ppl(peer), "ppl_plain": None}
-    row["diff_pct"] = 100 * (row["ppl_ours"] / row["ppl_peer"] - 1)
+    ppl_ours, ppl_peer = ppl(ours), ppl(peer)
+    row: dict = {"preset": preset, "same_types": same_types, "identical_tensors": identical, "tensors": len(b),
+                 "same_metadata": quantize_fields(ours) == quantize_fields(peer), "ppl_ours": ppl_ours,
+                 "ppl_peer": ppl_peer, "ppl_plain": None, "diff_pct": 100 * (ppl_ours / ppl_peer - 1)}
     if not p.needs_imatrix:
         plain = convert(ckpt, p, work / f"ours-{preset}.gguf", force=True, threads=threads).path
         row["ppl_plain"] = ppl(plain)

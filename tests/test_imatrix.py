@@ -44,8 +44,8 @@ def _tokens(path, text: str) -> list[int]:
         llm.close()
 
 
-def _reference(model_dir, tokens: list[int], bos: int) -> tuple[dict[str, np.ndarray], int]:
-    """Sums of squared matmul inputs per column, over CHUNKS windows, with numpy."""
+def _reference(model_dir, tokens: list[int], bos: int, n_ctx: int, chunks: int) -> tuple[dict[str, np.ndarray], int]:
+    """Sums of squared matmul inputs per column, over `chunks` windows of `n_ctx`, with numpy."""
     p = load_params(model_dir)
     names = sorted(model_dir.glob("consolidated.*.pth"))
     from llamalocal.convert.checkpoint import open_checkpoint
@@ -60,11 +60,11 @@ def _reference(model_dir, tokens: list[int], bos: int) -> tuple[dict[str, np.nda
         key = _gguf_name(name)
         sums[key] = sums.get(key, 0) + (x * x).sum(axis=0)
 
-    for i in range(CHUNKS):
-        window = list(tokens[i * N_CTX:(i + 1) * N_CTX])
+    for i in range(chunks):
+        window = list(tokens[i * n_ctx:(i + 1) * n_ctx])
         window[0] = bos
         forward(w, p, window, taps=tap)
-    return sums, CHUNKS * N_CTX
+    return sums, chunks * n_ctx
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +72,20 @@ def text(heldout_text) -> str:
     return heldout_text[:20000]
 
 
-@pytest.mark.parametrize("model", ["tiny-v1", "tiny-v2"])
-def test_matches_a_numpy_forward_pass(tiny_checkpoints, converted, text, model):
-    """tiny-v1: LLaMA-1 (2 shards, fp16); tiny-v2: grouped-query attention, bf16."""
+@pytest.mark.parametrize("model,n_ctx,chunks", [("tiny-v1", N_CTX, CHUNKS), ("tiny-v2", N_CTX, CHUNKS),
+                                                ("tiny-v1", 1024, 2)])
+def test_matches_a_numpy_forward_pass(tiny_checkpoints, converted, text, model, n_ctx, chunks):
+    """tiny-v1: LLaMA-1 (2 shards, fp16); tiny-v2: grouped-query attention, bf16; windows of 1024
+    are decoded in two batches of 512 into one cache (as llama-imatrix's micro-batches)."""
     path = converted(model, "f32")
     tokens = _tokens(path, text)
-    ref, n_tokens = _reference(tiny_checkpoints / model, tokens, bos=tokens[0])
+    ref, n_tokens = _reference(tiny_checkpoints / model, tokens, tokens[0], n_ctx, chunks)
 
-    r = compute_imatrix(path, text, dataset="heldout.txt", n_ctx=N_CTX, chunks=CHUNKS, process_output=True,
+    r = compute_imatrix(path, text, dataset="heldout.txt", n_ctx=n_ctx, chunks=chunks, process_output=True,
                         n_gpu_layers=0, threads=2)
     imx = r.imatrix
     assert set(imx.entries) == set(ref)  # every blk.* matmul weight and output.weight, nothing else
-    assert (r.chunks, imx.chunk_count, imx.chunk_size, imx.datasets) == (CHUNKS, CHUNKS, N_CTX, ["heldout.txt"])
+    assert (r.chunks, imx.chunk_count, imx.chunk_size, imx.datasets) == (chunks, chunks, n_ctx, ["heldout.txt"])
     worst = {}
     for name, want in ref.items():
         e = imx.entries[name]
