@@ -22,8 +22,8 @@ and, CPU only, with the same threads on both sides:
    --imatrix F` of the same weights (our f32 GGUF) with the same file F (ours, so llama-quantize
    also proves it reads our format): same tensor types (goal), identical tensors counted, the
    same quantize.imatrix.* metadata, and perplexity on the held-out second half of the text within
-   1 % (goal); next to it the plain (uncalibrated) perplexity of the same preset where llama.cpp
-   can make one without an imatrix.
+   1 % (goal); next to it the plain (uncalibrated) quantization of the same preset, where llama.cpp
+   can make one without an imatrix: perplexity and mean KL divergence from the f16 model.
 
 Exit status 1 when a goal is missed. Timings on a loaded machine are not final; the lead runs the
 final table on a quiet one. `--json FILE` writes every figure.
@@ -195,11 +195,11 @@ def quantize_fields(path: Path) -> dict:
     return {k: f[k].contents() for k in QUANTIZE_KEYS if k in f}
 
 
-def preset_row(preset: str, ckpt: Path, f32: Path, imx: Path, heldout_text: bytes, exe: Path, work: Path,
+def preset_row(preset: str, ckpt: Path, f32: Path, f16: Path, imx: Path, heldout_text: bytes, exe: Path, work: Path,
                ctx: int, threads: int, eval_chunks: int | None) -> dict:
+    from llamalocal.compare import compare
     from llamalocal.convert.convert import convert
     from llamalocal.convert.presets import PRESETS
-    from llamalocal.perplexity import perplexity
 
     p = PRESETS[preset]
     ours = convert(ckpt, p, work / f"ours-{preset}-imatrix.gguf", force=True, threads=threads, imatrix=imx).path
@@ -208,17 +208,22 @@ def preset_row(preset: str, ckpt: Path, f32: Path, imx: Path, heldout_text: byte
     a, b = tensor_types(ours), tensor_types(peer)
     same_types = a.keys() == b.keys() and all(a[n][0] == b[n][0] for n in b)
     identical = sum(a[n] == b[n] for n in b if n in a)
-
-    def ppl(path: Path) -> float:
-        return perplexity(path, heldout_text, n_ctx=ctx, chunks=eval_chunks, n_gpu_layers=0, threads=threads).ppl
-
-    ppl_ours, ppl_peer = ppl(ours), ppl(peer)
-    row: dict = {"preset": preset, "same_types": same_types, "identical_tensors": identical, "tensors": len(b),
-                 "same_metadata": quantize_fields(ours) == quantize_fields(peer), "ppl_ours": ppl_ours,
-                 "ppl_peer": ppl_peer, "ppl_plain": None, "diff_pct": 100 * (ppl_ours / ppl_peer - 1)}
+    files = [ours, peer]
     if not p.needs_imatrix:
-        plain = convert(ckpt, p, work / f"ours-{preset}.gguf", force=True, threads=threads).path
-        row["ppl_plain"] = ppl(plain)
+        files.append(convert(ckpt, p, work / f"ours-{preset}.gguf", force=True, threads=threads).path)
+    # one pass per file over the held-out windows: perplexity, and KL from the f16 model (paired, so
+    # much less noisy than a perplexity difference on a short text)
+    result = compare(f16, files, heldout_text, n_ctx=ctx, chunks=eval_chunks, n_gpu_layers=0, threads=threads,
+                     tg_tokens=0)
+    by_file = {r.model: r for r in result.rows}
+    o, q = by_file[str(ours)], by_file[str(peer)]
+    plain = by_file.get(str(files[2])) if len(files) > 2 else None
+    row: dict = {"preset": preset, "same_types": same_types, "identical_tensors": identical, "tensors": len(b),
+                 "same_metadata": quantize_fields(ours) == quantize_fields(peer),
+                 "ppl_ours": o.ppl, "ppl_peer": q.ppl, "diff_pct": 100 * (o.ppl / q.ppl - 1),
+                 "kl_ours": o.kl_mean, "kl_peer": q.kl_mean,
+                 "ppl_plain": plain.ppl if plain else None, "kl_plain": plain.kl_mean if plain else None,
+                 "base_ppl": by_file[str(f16)].ppl}
     for f in work.glob(f"*-{preset}*.gguf"):
         f.unlink()
     return row
@@ -316,24 +321,23 @@ def main() -> None:
     # 3. presets
     print(f"\n3. presets with the imatrix: ours vs llama-quantize --imatrix (same f32 weights, same file), "
           f"perplexity on the held-out half, ctx {a.ctx}")
-    base_ppl = __import__("llamalocal.perplexity", fromlist=["perplexity"]).perplexity(
-        f16, heldout.read_bytes(), n_ctx=a.ctx, chunks=a.eval_chunks, n_gpu_layers=0, threads=a.threads).ppl
-    print(f"  f16 base: PPL {base_ppl:.4f}")
     print(f"  {'preset':<9} {'types':<6} {'identical':>10} {'meta':<5} {'PPL ours':>10} {'PPL peer':>10} "
-          f"{'diff %':>8} {'PPL plain':>10} {'plain err %':>11} {'calib err %':>11}")
-    rows = []
+          f"{'diff %':>8} │ {'PPL plain':>10} {'calibrated':>10} {'KL plain':>9} {'KL calib.':>9}")
+    rows, base_ppl = [], float("nan")
     for preset in presets:
-        r = preset_row(preset, ckpt, f32, ours_imx, heldout.read_bytes(), quantize_exe, work, a.ctx, a.threads,
+        r = preset_row(preset, ckpt, f32, f16, ours_imx, heldout.read_bytes(), quantize_exe, work, a.ctx, a.threads,
                        a.eval_chunks)
         rows.append(r)
+        base_ppl = r["base_ppl"]
         ok &= r["same_types"] and abs(r["diff_pct"]) <= 1.0 and r["same_metadata"]
         plain = "—" if r["ppl_plain"] is None else f"{r['ppl_plain']:.4f}"
-        plain_err = "—" if r["ppl_plain"] is None else f"{100 * (r['ppl_plain'] / base_ppl - 1):+.2f}"
+        kl_plain = "—" if r["kl_plain"] is None else f"{r['kl_plain']:.5f}"
         print(f"  {preset:<9} {'same' if r['same_types'] else 'DIFF':<6} {r['identical_tensors']:>4}/{r['tensors']:<5} "
               f"{'same' if r['same_metadata'] else 'DIFF':<5} {r['ppl_ours']:>10.4f} {r['ppl_peer']:>10.4f} "
-              f"{r['diff_pct']:>+8.4f} {plain:>10} {plain_err:>11} {100 * (r['ppl_ours'] / base_ppl - 1):>+11.2f}")
+              f"{r['diff_pct']:>+8.4f} │ {plain:>10} {r['ppl_ours']:>10.4f} {kl_plain:>9} {r['kl_ours']:>9.5f}")
+    print(f"  f16: PPL {base_ppl:.4f}. Goal: same types and metadata, |diff| within 1 %. Right of │: the same "
+          "preset without and with the imatrix (KL: mean KL divergence from f16, nats/token)")
     report["base_ppl"], report["presets"] = base_ppl, rows
-    print("  goal: same types and metadata, |diff| within 1 %; 'err' is the perplexity error against f16")
 
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))

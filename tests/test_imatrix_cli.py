@@ -151,6 +151,10 @@ def test_calibrate_makes_a_base_then_reuses_the_imatrix(checkpoint, text_file, t
     assert fields["quantize.imatrix.file"].contents() == str(imx_file)
     assert fields["quantize.imatrix.dataset"].contents() == str(text_file)
     assert "imatrix for 28 tensors" in log
+    # the imatrix is the newest .gguf beside the checkpoint, but "the newest model" is still a model
+    from llamalocal.paths import resolve_gguf
+
+    assert resolve_gguf(checkpoint) == checkpoint / "ggml-model-q8_0.gguf"
 
     before = imx_file.stat().st_mtime_ns
     code, log = run("convert", checkpoint, "--q3_k_m", "--calibrate", text_file, "-o", tmp_path / "again.gguf")
