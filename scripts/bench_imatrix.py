@@ -232,6 +232,26 @@ def preset_row(preset: str, ckpt: Path, f32: Path, f16: Path, imx: Path, heldout
 # ---------------------------------------------------------------------------------------------
 
 
+def speed_part(a: argparse.Namespace, ckpt: Path, f16: Path, calib: Path, imatrix_exe: Path, work: Path) -> list[dict]:
+    from llamalocal.convert.convert import convert
+
+    wide = speed_model(work, a.speed_dim, a.speed_layers)
+    wide_f16 = convert(wide, "f16", work / "wide-f16.gguf", force=True, threads=a.threads, verify=False).path
+    n0, n1 = (int(x) for x in a.speed_chunks.split(","))
+    runs = [speed(ckpt.name, f16, calib, imatrix_exe, work, a.ctx, a.threads, (n0, n1), a.rounds),
+            speed(f"wide dim {a.speed_dim} x {a.speed_layers} layers", wide_f16, calib, imatrix_exe, work, a.ctx,
+                  a.threads, (n0, n1), a.rounds)]
+    print(f"  tokens/s, best and median of the rounds; 'whole': {n1}-chunk commands; 'steady': from the "
+          f"{n1} - {n0} chunk difference")
+    for s in runs:
+        for kind in ("whole", "steady"):
+            o, p, r = s[f"ours_{kind}_tps"], s[f"peer_{kind}_tps"], s[f"ratio_{kind}"]
+            print(f"  {s['model']:<30} {kind:<6} ours {o[0]:8.1f} ({o[1]:8.1f})  llama-imatrix {p[0]:8.1f} "
+                  f"({p[1]:8.1f})  ratio {r[0]:.2f}x ({r[1]:.2f}x)")
+    print("  goal: ratio >= 0.8x")
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL, help="a Meta checkpoint folder")
@@ -247,6 +267,7 @@ def main() -> None:
     ap.add_argument("--speed-layers", type=int, default=4)
     ap.add_argument("--speed-chunks", default="4,12",
                     help="two window counts: whole commands at the second, the steady rate from the difference")
+    ap.add_argument("--no-speed", action="store_true", help="skip part 2 (the timings)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 presets, few chunks, small speed model")
     ap.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temporary folder)")
     ap.add_argument("--sdist", type=Path, default=None, help="llama-cpp-python sdist for peer_tools")
@@ -302,21 +323,11 @@ def main() -> None:
 
     # 2. speed
     print(f"\n2. speed: whole commands, {a.threads} threads, {a.rounds} rounds (timings on a loaded machine are not final)")
-    wide = speed_model(work, a.speed_dim, a.speed_layers)
-    wide_f16 = convert(wide, "f16", work / "wide-f16.gguf", force=True, threads=a.threads, verify=False).path
-    n0, n1 = (int(x) for x in a.speed_chunks.split(","))
-    runs = [speed(ckpt.name, f16, calib, imatrix_exe, work, a.ctx, a.threads, (n0, n1), a.rounds),
-            speed(f"wide dim {a.speed_dim} x {a.speed_layers} layers", wide_f16, calib, imatrix_exe, work, a.ctx,
-                  a.threads, (n0, n1), a.rounds)]
-    report["speed"] = runs
-    print(f"  tokens/s, best and median of the rounds; 'whole': {n1}-chunk commands; 'steady': from the "
-          f"{n1} - {n0} chunk difference")
-    for s in runs:
-        for kind in ("whole", "steady"):
-            o, p, r = s[f"ours_{kind}_tps"], s[f"peer_{kind}_tps"], s[f"ratio_{kind}"]
-            print(f"  {s['model']:<30} {kind:<6} ours {o[0]:8.1f} ({o[1]:8.1f})  llama-imatrix {p[0]:8.1f} "
-                  f"({p[1]:8.1f})  ratio {r[0]:.2f}x ({r[1]:.2f}x)")
-    print("  goal: ratio >= 0.8x")
+    if a.no_speed:
+        print("  skipped (--no-speed)")
+    else:
+        report["speed"] = speed_part(a, ckpt, f16, calib, imatrix_exe, work)
+
 
     # 3. presets
     print(f"\n3. presets with the imatrix: ours vs llama-quantize --imatrix (same f32 weights, same file), "
