@@ -23,7 +23,7 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from llamalocal.convert import presets
+from llamalocal.convert import imatrix_file, presets
 from llamalocal.convert.checklist import read_checklist, verify_checklist
 from llamalocal.convert.checkpoint import open_checkpoint
 from llamalocal.convert.direct_io import aligned_empty
@@ -84,7 +84,7 @@ class ConvertResult:
     seconds: float
     tensors: list[TensorPlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    imatrix_entries: int = 0  # importance-matrix entries used (0: quantized without one)
+    imatrix_entries: int = 0  # tensors quantized with importance from an imatrix (0: none)
 
     @property
     def bits_per_weight(self) -> float:
@@ -236,7 +236,7 @@ def _attach_importance(plans: list[TensorPlan], preset: presets.Preset, imx: Ima
 
 def _write_imatrix_metadata(w: StreamingGGUFWriter, imx: Imatrix, source: str) -> None:
     """What llama-quantize records (its kv overrides: strings cut to 127 bytes, counts as u32)."""
-    from llamalocal.convert import imatrix_file as f
+    f = imatrix_file
 
     def cut(text: str) -> str:
         return text.encode()[:f.QUANTIZE_STR_MAX].decode(errors="ignore")
