@@ -503,6 +503,8 @@ class MatmulTap:
     array (ne3, ne2, ne1, ne0) — a view of host memory, or a copy read from a device buffer —
     valid only during the call. An exception in either is kept and raised by `raise_pending()`
     after the decode (ggml cannot unwind through C); the graph finishes computing meanwhile.
+    Setting `stopped` (from a signal handler, say) makes it skip the rest of the graph: the
+    decode returns early and its results are not to be used.
     """
 
     def __init__(self, want: Any, take: Any) -> None:
@@ -512,6 +514,7 @@ class MatmulTap:
         self._base = library("ggml-base")
         self._copy: Any = None  # reused buffer for tensors on a device
         self.error: BaseException | None = None
+        self.stopped = False
         self.c_callback = llama().ggml_backend_sched_eval_callback(self._call)
 
     def _activations(self, src1: GGMLTensor) -> Any:
@@ -531,6 +534,8 @@ class MatmulTap:
 
     def _call(self, t: int, ask: bool, _user_data: Any) -> bool:
         try:
+            if self.stopped:
+                return False  # asked: not wanted; computed: the scheduler skips the rest of the split
             if self.error is not None:
                 return False  # stop asking; the decode finishes, then the error is raised
             op = ctypes.c_int.from_address(t + GGMLTensor.op.offset).value

@@ -23,6 +23,8 @@ callbacks do not start threads each time.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +144,35 @@ class _Collector:
         return Imatrix(entries, [dataset], chunks, n_ctx)
 
 
+class _CtrlC:
+    """Ctrl-C as a flag while llama.cpp computes. Python raises KeyboardInterrupt wherever the main
+    thread runs Python next, which is usually inside the eval callback; one raised as the callback
+    is entered, before any `try` of its own, is swallowed by ctypes ("Exception ignored"), and the
+    run would go on. So SIGINT only sets a flag (and stops the tap, which makes the decode return
+    early); the loop raises KeyboardInterrupt itself after the decode."""
+
+    def __init__(self, tap: native.MatmulTap) -> None:
+        self.tap = tap
+        self.hit = False
+        self._previous: Any = None
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        self.hit = self.tap.stopped = True
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -211,7 +242,8 @@ def imatrix_of(llm: Any, text: str | bytes, *, dataset: str, n_ctx: int = DEFAUL
     try:
         # flash attention as llama-imatrix has it (auto: on for the CPU); the f16 KV cache is the same
         with native.eval_callback(llm, tap, flash_attn_type=native.FLASH_ATTN_AUTO) as ctx, \
-                native.cpu_threadpool(ctx, threads or ctx_threads), native.TokenBatch(n_batch) as batch:
+                native.cpu_threadpool(ctx, threads or ctx_threads), native.TokenBatch(n_batch) as batch, \
+                _CtrlC(tap) as ctrl_c:
             for i in range(n_chunks):
                 window = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], dtype=np.int32)
                 if add_bos:
@@ -223,12 +255,14 @@ def imatrix_of(llm: Any, text: str | bytes, *, dataset: str, n_ctx: int = DEFAUL
                     batch.set(part, b0, True)  # every position: the last layer then computes every token
                     collector.new_graph()
                     rc = batch.decode_raw(ctx)
+                    ctrl_c.check()  # before anything else: a stopped decode's results are garbage
                     tap.raise_pending()
                     if rc != 0:
                         raise LlamalocalError(f"llama_decode failed with code {rc}; try a smaller --ctx")
                     if b0 + len(part) > first:
                         logits = native.logits_view(ctx, len(part), n_vocab)
                         scored.append(logits[max(0, first - b0):].copy())
+                ctrl_c.check()
                 collector.commit()
                 done += 1
                 # logits at p predict token p+1: positions first .. n_ctx-2 are scored
@@ -236,6 +270,7 @@ def imatrix_of(llm: Any, text: str | bytes, *, dataset: str, n_ctx: int = DEFAUL
                 run.add(_nll(np.concatenate(scored)[:-1], targets))
                 if progress is not None:
                     progress(done, n_chunks, run.ppl(), run.ppl_stderr())
+            ctrl_c.check()  # pressed during the last window's bookkeeping: still an interrupt
     except KeyboardInterrupt:
         collector.discard()
         raise Interrupted(result() if done else None) from None

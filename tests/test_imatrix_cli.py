@@ -110,12 +110,13 @@ def test_a_real_sigint_mid_run(converted, text_file, tmp_path):
     while time.time() < deadline and b"chunk" not in b"".join(err) and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before the signal could be sent")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     reader.join(timeout=5)
     text = b"".join(err).decode(errors="replace")
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
+    # 348 windows: still running when the signal came, so exit 0 would be an interrupt lost in the callback
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "Exception ignored" not in text, text
     assert "Interrupted" in text
