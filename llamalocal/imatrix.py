@@ -307,9 +307,11 @@ CALIBRATION_BASES = ("f16", "q8_0", "f32")  # what an imatrix is computed on, in
 CALIBRATION_MADE = "q8_0"  # what is made when none exists: half of f16, and the same imatrix to ~0.1 %
 
 
-def imatrix_file_for(model_dir: Path, text_file: Path) -> Path:
-    """Where `convert --calibrate` keeps the imatrix of a checkpoint for a calibration text."""
-    return Path(model_dir) / f"imatrix-{Path(text_file).stem}.gguf"
+def imatrix_file_for(model_dir: Path, text_file: Path, chunks: int | None = None) -> Path:
+    """Where `convert --calibrate` keeps the imatrix of a checkpoint for a calibration text (the
+    whole text, or its first `chunks` windows)."""
+    limit = f"-{chunks}chunks" if chunks else ""
+    return Path(model_dir) / f"imatrix-{Path(text_file).stem}{limit}.gguf"
 
 
 def calibration_base(model_dir: Path) -> Path | None:
@@ -344,7 +346,7 @@ def calibrate(model_dir: Path, text_file: Path, *, n_ctx: int = DEFAULT_CTX, chu
     keeping it) when there is none. Every step that costs time or disk is announced via `say`.
 
     Returns:
-        The imatrix file (MODEL_DIR/imatrix-<text name>.gguf).
+        The imatrix file (MODEL_DIR/imatrix-<text name>[-<N>chunks].gguf).
     """
     from llamalocal.convert.convert import convert, default_outfile, expected_shapes
     from llamalocal.convert.imatrix_file import read_imatrix, write_imatrix
@@ -354,7 +356,7 @@ def calibrate(model_dir: Path, text_file: Path, *, n_ctx: int = DEFAULT_CTX, chu
 
     model_dir, text_file = Path(model_dir), Path(text_file)
     text = read_text(text_file)  # a missing text is an error now, not after a conversion
-    target = imatrix_file_for(model_dir, text_file)
+    target = imatrix_file_for(model_dir, text_file, chunks)
     if target.is_file():
         try:
             old = read_imatrix(target)

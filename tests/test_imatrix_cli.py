@@ -146,7 +146,7 @@ def test_calibrate_makes_a_base_then_reuses_the_imatrix(checkpoint, text_file, t
     assert code == 0, log
     assert "converting to q8_0 first" in log and "GiB" in log  # says so, and what it costs
     assert (checkpoint / "ggml-model-q8_0.gguf").is_file()
-    imx_file = checkpoint / "imatrix-calib.gguf"
+    imx_file = checkpoint / "imatrix-calib-2chunks.gguf"
     assert read_imatrix(imx_file).chunk_count == 2
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["quantize.imatrix.file"].contents() == str(imx_file)
@@ -158,9 +158,11 @@ def test_calibrate_makes_a_base_then_reuses_the_imatrix(checkpoint, text_file, t
     assert resolve_gguf(checkpoint) == checkpoint / "ggml-model-q8_0.gguf"
 
     before = imx_file.stat().st_mtime_ns
-    code, log = run("convert", checkpoint, "--q3_k_m", "--calibrate", text_file, "-o", tmp_path / "again.gguf")
+    code, log = run("convert", checkpoint, "--q3_k_m", "--calibrate", text_file, "--calibrate-chunks", 2,
+                    "-o", tmp_path / "again.gguf")
     assert code == 0, log
     assert "using the imatrix made earlier" in log and imx_file.stat().st_mtime_ns == before
+    assert "converting to" not in log  # the q8_0 made the first time is there now
 
 
 def test_calibrate_uses_an_f16_beside_the_checkpoint(checkpoint, text_file, tmp_path):
