@@ -9,6 +9,7 @@ does not grow with model size and there is no f16 scratch file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -24,7 +25,7 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from llamalocal.convert import presets, verified
+from llamalocal.convert import imatrix_file, presets, verified
 from llamalocal.convert.checklist import read_checklist, verify_checklist
 from llamalocal.convert.checkpoint import open_checkpoint
 from llamalocal.convert.direct_io import aligned_empty
@@ -37,6 +38,7 @@ from llamalocal.convert.errors import (
     Terminated,
 )
 from llamalocal.convert.families import (
+    LAYER_TENSORS,
     ROPE_FREQS,
     SKIPPED,
     Family,
@@ -50,6 +52,7 @@ from llamalocal.convert.families import (
     rope_freq_factors,
 )
 from llamalocal.convert.gguf_out import StreamingGGUFWriter
+from llamalocal.convert.imatrix_file import Imatrix, match_model, read_imatrix
 from llamalocal.convert.merge import (
     ShardSlice,
     blocks,
@@ -98,6 +101,7 @@ class TensorPlan:
     nbytes: int
     replicas: int = 1  # consecutive shards holding copies of the same rows (merge.kv_replicas)
     values: np.ndarray | None = None  # computed here, not read from the checkpoint (rope_freqs)
+    importance: np.ndarray | None = None  # float32 per column, from an imatrix
 
 
 @dataclass
@@ -115,6 +119,7 @@ class ConvertResult:
     rope_scaling_factor: float | None = None  # Meta's scaled-rope factor written into rope_freqs
     tied_embeddings: bool = False  # no output.weight: llama.cpp uses token_embd as the output
     kv_replicas: int = 1  # shards per KV head copy that were merged into one (405B MP16: 2)
+    imatrix_entries: int = 0  # tensors quantized with importance from an imatrix (0: none)
 
     @property
     def bits_per_weight(self) -> float:
@@ -155,7 +160,7 @@ def _tied_output(shards: list, family: Family) -> bool:
 
 
 def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset, family: Family,
-                  replicas: int = 1) -> tuple[list[TensorPlan], int, bool]:
+                  replicas: int = 1, has_imatrix: bool = False) -> tuple[list[TensorPlan], int, bool]:
     """Check names and shapes against params.json; choose each tensor's output type.
 
     Returns (the tensors to write, in order; the vocabulary size; whether the output is tied)."""
@@ -207,7 +212,8 @@ def _plan_tensors(shards: list, p: ModelParams, preset: presets.Preset, family: 
     for t in ordered:
         i_layer = int(t.gguf_name.split(".")[1]) if t.gguf_name.startswith("blk.") else None
         t.qtype = presets.tensor_type(preset, t.gguf_name, t.shape, n_layers=p.n_layers, n_head=p.n_heads,
-                                      n_head_kv=p.kv_heads, i_layer=i_layer, tied_embeddings=tied)
+                                      n_head_kv=p.kv_heads, i_layer=i_layer, tied_embeddings=tied,
+                                      has_imatrix=has_imatrix)
         t.nbytes = quantized_nbytes(t.shape, t.qtype)
     return ordered, n_vocab, tied
 
@@ -247,6 +253,63 @@ def _write_metadata(w: StreamingGGUFWriter, p: ModelParams, vocab: Vocab, preset
     if p.rope_theta is not None or family.rope_theta != 10000.0:  # llama.cpp's default is 10000
         g.add_rope_freq_base(p.rope_theta if p.rope_theta is not None else family.rope_theta)
     add_to_gguf(g, vocab, instruct=instruct)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance matrix
+# ---------------------------------------------------------------------------------------------
+
+_LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)")
+_IMATRIX_HINT = ("compute one with `llamalocal imatrix MODEL.gguf -f TEXT -o FILE` and pass --imatrix FILE, "
+                 "or let `convert --calibrate TEXT` do both")
+
+
+def _refuse_without_imatrix(p: ModelParams, preset: presets.Preset) -> None:
+    """llama.cpp refuses a file some of whose tensors cannot be made without an importance matrix;
+    params.json alone says which, so refuse before a shard is opened."""
+    for meta, shape in expected_shapes(p, n_vocab=1).items():  # token_embd / output never need one
+        m = _LAYER_NAME.fullmatch(meta)
+        if m is None or m.group(2) not in LAYER_TENSORS:
+            continue
+        i_layer = int(m.group(1))
+        name = gguf.TENSOR_NAMES[LAYER_TENSORS[m.group(2)].gguf].format(bid=i_layer) + ".weight"
+        t = presets.tensor_type(preset, name, shape, n_layers=p.n_layers, n_head=p.n_heads, n_head_kv=p.kv_heads,
+                                i_layer=i_layer)
+        if presets.requires_imatrix(preset, name, t):
+            raise BadInputError(f"--{preset.name} needs an importance matrix ({name} would be {t.name}); "
+                                + _IMATRIX_HINT)
+
+
+def _attach_importance(plans: list[TensorPlan], preset: presets.Preset, imx: Imatrix, source: str) -> list[str]:
+    """Check the imatrix against the model (names, columns) and give each tensor its importance,
+    as llama-quantize looks it up: by GGUF name, for every tensor that is quantized."""
+    columns = {t.gguf_name: t.shape[-1] for t in plans if len(t.shape) == 2}
+    calibrated = [t.gguf_name for t in plans if len(t.shape) == 2 and t.gguf_name.startswith("blk.")]
+    warnings = match_model(imx, source, columns, calibrated)
+    for t in plans:
+        if preset.quantized and len(t.shape) == 2 and t.qtype not in (gguf.GGMLQuantizationType.F32,
+                                                                       gguf.GGMLQuantizationType.F16):
+            t.importance = imx.importance(t.gguf_name)
+        if t.importance is None and presets.requires_imatrix(preset, t.gguf_name, t.qtype):
+            raise BadInputError(f"{source} has no entry for {t.gguf_name}, which --{preset.name} stores as "
+                                f"{t.qtype.name} and cannot make without one; " + _IMATRIX_HINT)
+    return warnings
+
+
+def _write_imatrix_metadata(w: StreamingGGUFWriter, imx: Imatrix, source: str) -> None:
+    """What llama-quantize records (its kv overrides: strings cut to 127 bytes, counts as u32)."""
+    f = imatrix_file
+
+    def cut(text: str) -> str:
+        return text.encode()[:f.QUANTIZE_STR_MAX].decode(errors="ignore")
+
+    g = w.gguf
+    g.add_string(f.KEY_QUANTIZE_FILE, cut(source))
+    if imx.datasets:
+        g.add_string(f.KEY_QUANTIZE_DATASET, cut(imx.datasets[0]))
+    g.add_uint32(f.KEY_QUANTIZE_ENTRIES, len(imx.entries))
+    if imx.chunk_count > 0:
+        g.add_uint32(f.KEY_QUANTIZE_CHUNKS, imx.chunk_count)
 
 
 class _Slot:
@@ -310,7 +373,7 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
             check_replicas(t.meta_name, [values for values, _ in parts], first_shard)
             parts = parts[:1]
         try:
-            return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row)
+            return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row, importance=t.importance)
         except ValueError as e:
             raise CheckpointError(f"{t.meta_name}: {e}; the checkpoint is damaged, download it again") from None
 
@@ -453,7 +516,7 @@ def _raise_failed(checks: list[Future]) -> None:
 def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path | None = None, *,
             force: bool = False, verify: bool = True, reverify: bool = False, n_ctx: int | None = None,
             threads: int | None = None, name: str | None = None, rope_scaling_factor: float | None = None,
-            progress: Progress | None = None) -> ConvertResult:
+            progress: Progress | None = None, imatrix: str | Path | Imatrix | None = None) -> ConvertResult:
     """Convert a Meta checkpoint directory to one GGUF file.
 
     Args:
@@ -472,6 +535,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         rope_scaling_factor: Meta's scaled-rope factor for a model with use_scaled_rope; default the
             family's (8, and 32 for Llama-3.2 1B/3B).
         progress: receives stages and byte counts.
+        imatrix: an importance matrix (llama.cpp's GGUF or legacy .dat file, or one read
+            already) whose per-column weights go to ggml's quantizer, as `llama-quantize
+            --imatrix` uses them; checked against the model before any work.
 
     Returns:
         ConvertResult with the path, sizes and time.
@@ -495,8 +561,15 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     if not os.access(out.parent, os.W_OK):
         raise BadInputError(f"cannot write in {out.parent} (permission denied); choose another --outfile")
 
+    imx = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else read_imatrix(imatrix)
+    imatrix_source = str(imatrix) if imx is not None and not isinstance(imatrix, Imatrix) else "imatrix"
+    if imx is not None and not pre.quantized:
+        raise BadInputError(f"--imatrix applies to quantized presets; --{pre.name} stores every weight as is")
+
     p = load_params(model_dir)
     check_supported(dict(p.extra), model_dir)
+    if imx is None:
+        _refuse_without_imatrix(p, pre)
     files = shard_files(model_dir)
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
@@ -517,7 +590,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             replicas = kv_replicas(shards, p.kv_heads)
             if replicas > 1:  # write the real KV heads once (405B MP16: 8 heads copied over 16 shards)
                 p = replace(p, n_kv_heads=p.kv_heads // replicas)
-            plans, n_vocab, tied = _plan_tensors(shards, p, pre, family, replicas)
+            plans, n_vocab, tied = _plan_tensors(shards, p, pre, family, replicas, has_imatrix=imx is not None)
+            if imx is not None:
+                warnings += _attach_importance(plans, pre, imx, imatrix_source)
             if factor is not None:
                 plans.insert(0, _rope_plan(p, p.rope_theta or family.rope_theta, factor))
             if len(vocab) > n_vocab:
@@ -540,6 +615,8 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             w = StreamingGGUFWriter(out)
             ctx = n_ctx or family.n_ctx
             _write_metadata(w, p, vocab, pre, name or _display_name(model_dir), ctx, family, is_instruct(model_dir))
+            if imx is not None:
+                _write_imatrix_metadata(w, imx, imatrix_source)
             for t in plans:
                 w.add_tensor_info(t.gguf_name, t.shape, t.qtype, t.nbytes)
             try:
@@ -560,9 +637,10 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
             raise
 
     n_params = sum(int(_numel(t.shape)) for t in plans if t.values is None)
+    used = sum(t.importance is not None for t in plans)
     return ConvertResult(out, pre.name, n_params, out.stat().st_size, time.perf_counter() - t0, plans, warnings,
                          notes, family=family.label, n_ctx=ctx, rope_scaling_factor=factor, tied_embeddings=tied,
-                         kv_replicas=replicas)
+                         kv_replicas=replicas, imatrix_entries=used)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

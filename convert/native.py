@@ -1,7 +1,8 @@
 """The one native boundary: every ctypes call into the libraries llama-cpp-python ships.
 
 llama-cpp-python binds libllama's public API (`llama_cpp.llama_*`) but not ggml's quantizers,
-its fp16/bf16 widening, its backend registry, its CPU threadpool or its RPC backend. Everything
+its fp16/bf16 widening, its backend registry, its CPU threadpool, its RPC backend or the graph
+tensors an eval callback is handed. Everything
 llamalocal calls across the C boundary — bound here or already bound by llama-cpp-python — goes
 through this module: one loader (`library`), one table of signatures per library (`_SIGNATURES`),
 and a version check against the pinned llama-cpp-python (`check_version`), so a version bump is a
@@ -51,6 +52,12 @@ _SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "ggml_type_size": ([c_int], sz),
         "ggml_threadpool_params_init": ([vp, c_int], None),
         "ggml_set_abort_callback": ([_ABORT_FN], vp),
+        # graph tensors, as the scheduler's eval callback sees them
+        "ggml_op_name": ([c_int], cs),
+        "ggml_nbytes": ([vp], sz),
+        "ggml_tensor_overhead": ([], sz),
+        "ggml_backend_buffer_is_host": ([vp], c_bool),
+        "ggml_backend_tensor_get": ([vp, vp, sz, sz], None),
     },
     "ggml-cpu": {
         "ggml_cpu_init": ([], None),
@@ -774,3 +781,205 @@ class Sampler:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# libllama: llama_model_quantize with an importance matrix (what llama-quantize runs)
+# ---------------------------------------------------------------------------------------------
+
+def model_quantize(src: str | Path, dst: str | Path, ftype: int, *, nthread: int = 0,
+                   imatrix: dict[str, Any] | None = None) -> None:
+    """llama.cpp's `llama_model_quantize` of the GGUF `src` into `dst` at llama_ftype `ftype`.
+
+    `imatrix` maps tensor names to float32 importance (one value per column, what llama-quantize
+    hands over after reading an imatrix file). Raises LlamalocalError if llama.cpp refuses.
+    """
+    import numpy as np
+
+    lc = llama()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread
+    keep: list[Any] = []
+    if imatrix:
+        entries = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the terminator
+        for k, (name, values) in enumerate(imatrix.items()):
+            v = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(v)
+            entries[k].name = name.encode()
+            entries[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[k].size = v.size
+        params.imatrix = entries
+        keep.append(entries)
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise LlamalocalError(f"llama_model_quantize failed for {src} (ftype {ftype})")
+
+
+# ---------------------------------------------------------------------------------------------
+# ggml: the graph tensors a scheduler eval callback sees (llama_context_params.cb_eval)
+# ---------------------------------------------------------------------------------------------
+
+GGML_TYPE_F32 = 0
+_GGML_OBJECT_SIZE = 32  # ggml.c's struct ggml_object, which precedes every tensor in a context
+
+
+class GGMLTensor(ctypes.Structure):
+    """ggml.h's struct ggml_tensor (GGML_MAX_DIMS 4, GGML_MAX_SRC 10, GGML_MAX_OP_PARAMS 64,
+    GGML_MAX_NAME 64). `check_tensor_layout` compares its size with ggml's own."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),                   # enum ggml_type
+        ("buffer", vp),                           # ggml_backend_buffer_t: host memory or a device's
+        ("ne", ctypes.c_int64 * 4),               # elements per dimension, ne[0] the row length
+        ("nb", ctypes.c_size_t * 4),              # strides in bytes
+        ("op", ctypes.c_int),                     # enum ggml_op
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", vp * 10),                         # inputs: a matmul's weight is src[0], activations src[1]
+        ("view_src", vp),
+        ("view_offs", ctypes.c_size_t),
+        ("data", vp),
+        ("name", ctypes.c_char * 64),
+        ("extra", vp),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def check_tensor_layout() -> None:
+    """Refuse to read graph tensors if this struct is not ggml's (a crash otherwise)."""
+    want = int(library("ggml-base").ggml_tensor_overhead()) - _GGML_OBJECT_SIZE
+    if ctypes.sizeof(GGMLTensor) != want:
+        raise LlamalocalError(f"struct ggml_tensor is {want} bytes in this ggml but {ctypes.sizeof(GGMLTensor)} "
+                              f"in llamalocal; llamalocal needs llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}")
+
+
+@cache
+def op_code(name: str) -> int:
+    """The enum ggml_op value of an op named as ggml_op_name names it ("MUL_MAT")."""
+    base = library("ggml-base")
+    for code in range(1, 512):
+        got = base.ggml_op_name(code)
+        if got is None:
+            break
+        if got.decode() == name:
+            return code
+    raise LlamalocalError(f"ggml has no op {name}")
+
+
+def weight_name(raw: bytes) -> str:
+    """A weight's own name from a graph tensor's name: the scheduler names the copy it makes for
+    another device `CUDA0#blk.0.attn_k.weight#0` (llama-imatrix's filter_tensor_name)."""
+    name = raw.decode(errors="replace")
+    if "#" in name:
+        name = name.split("#")[1]
+    return name
+
+
+class MatmulTap:
+    """The eval callback of a llama context that hands matmul inputs to Python.
+
+    `want(op, weight, src1)` is asked for every graph node whose op is MUL_MAT or MUL_MAT_ID
+    (the "ask" phase; answering False lets ggml compute on without stopping); for the wanted ones,
+    once computed, `take(weight, x, src1_address)` receives the activations `x` as a float32 numpy
+    array (ne3, ne2, ne1, ne0) — a view of host memory, or a copy read from a device buffer —
+    valid only during the call. An exception in either is kept and raised by `raise_pending()`
+    after the decode (ggml cannot unwind through C); the graph finishes computing meanwhile.
+    Setting `stopped` (from a signal handler, say) makes it skip the rest of the graph: the
+    decode returns early and its results are not to be used.
+    """
+
+    def __init__(self, want: Any, take: Any) -> None:
+        check_tensor_layout()
+        self._want, self._take = want, take
+        self._mul_mat, self._mul_mat_id = op_code("MUL_MAT"), op_code("MUL_MAT_ID")
+        self._base = library("ggml-base")
+        self._copy: Any = None  # reused buffer for tensors on a device
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.c_callback = llama().ggml_backend_sched_eval_callback(self._call)
+
+    def _activations(self, src1: GGMLTensor) -> Any:
+        import numpy as np
+
+        ne = tuple(int(n) for n in reversed(src1.ne))
+        nb = tuple(int(n) for n in reversed(src1.nb))
+        nbytes = int(self._base.ggml_nbytes(ctypes.addressof(src1)))
+        if self._base.ggml_backend_buffer_is_host(src1.buffer):
+            raw = np.ctypeslib.as_array(ctypes.cast(src1.data, ctypes.POINTER(ctypes.c_uint8)), shape=(nbytes,))
+        else:
+            if self._copy is None or self._copy.size < nbytes:
+                self._copy = np.empty(nbytes, dtype=np.uint8)
+            raw = self._copy[:nbytes]
+            self._base.ggml_backend_tensor_get(ctypes.addressof(src1), raw.ctypes.data, 0, nbytes)
+        return np.lib.stride_tricks.as_strided(raw.view(np.float32), shape=ne, strides=nb, writeable=False)
+
+    def _call(self, t: int, ask: bool, _user_data: Any) -> bool:
+        try:
+            if self.stopped:
+                return False  # asked: not wanted; computed: the scheduler skips the rest of the split
+            if self.error is not None:
+                return False  # stop asking; the decode finishes, then the error is raised
+            op = ctypes.c_int.from_address(t + GGMLTensor.op.offset).value
+            if op != self._mul_mat and op != self._mul_mat_id:
+                return False
+            node = GGMLTensor.from_address(t)
+            src0, src1 = GGMLTensor.from_address(node.src[0]), GGMLTensor.from_address(node.src[1])
+            name = weight_name(src0.name)
+            if ask:
+                return bool(self._want("MUL_MAT_ID" if op == self._mul_mat_id else "MUL_MAT", name, src1))
+            if src1.type != GGML_TYPE_F32 or src1.nb[0] != 4:
+                raise LlamalocalError(f"{name}: activations are not contiguous float32 rows")
+            self._take(name, self._activations(src1), node.src[1])
+            return True
+        except BaseException as e:  # noqa: BLE001 - nothing may unwind into ggml; re-raised after the decode
+            self.error = e
+            return True  # returning False in the compute phase would skip the rest of the graph
+
+    def raise_pending(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+
+FLASH_ATTN_AUTO = -1  # llama.h's LLAMA_FLASH_ATTN_TYPE_AUTO: on where the backend has it (llama.cpp's default)
+
+
+@contextmanager
+def eval_callback(llm: Any, tap: MatmulTap, *, flash_attn_type: int | None = None) -> Iterator[Any]:
+    """Run a llama_cpp.Llama with `tap` as its context's eval callback.
+
+    llama-cpp-python takes no cb_eval, so the context it made is freed first (memory stays as the
+    planner planned it) and a new one is made from the same parameters plus the callback (and
+    `flash_attn_type`, if given). Yields the new llama_context pointer; the Llama is left without
+    a usable context afterwards (close it).
+    """
+    import llama_cpp._internals as internals
+
+    lc = llama()
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    params.cb_eval = tap.c_callback
+    params.cb_eval_user_data = None
+    if flash_attn_type is not None:
+        params.flash_attn_type = flash_attn_type
+    llm._ctx.close()
+    try:
+        ctx = internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+    except ValueError as e:
+        raise LlamalocalError(f"llama.cpp could not create a context for the eval callback ({e})") from e
+    ctx._llamalocal_keep = (params, tap)  # type: ignore[attr-defined]  # the callback must outlive the context
+    llm._ctx = ctx
+    try:
+        yield ctx.ctx
+    finally:
+        lc.llama_synchronize(ctx.ctx)
+        ctx.close()
+
+
+def logits_view(ctx: Any, n_out: int, n_vocab: int) -> Any:
+    """The logits of the last decode's outputs, (n_out, n_vocab) float32, as a view (no copy):
+    valid until the next decode."""
+    import numpy as np
+
+    ptr = ctypes.cast(llama().llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(ptr, shape=(n_out * n_vocab,)).reshape(n_out, n_vocab)

@@ -1,9 +1,11 @@
 """Quantize float32 rows with ggml's own quantizers, the ones llama-quantize calls.
 
 The quantizers live in llama-cpp-python's `libggml-base` shared library, reached through
-`llamalocal.convert.native` (llama-cpp-python binds none of them). With no importance matrix `ggml_quantize_chunk` is exactly what
-`llama_model_quantize` runs per chunk of rows, so the bytes are llama.cpp's bytes. F16 and BF16 go
-through the same call (ggml's own rounding), F32 is copied as is.
+`llamalocal.convert.native` (llama-cpp-python binds none of them). `ggml_quantize_chunk` is exactly
+what `llama_model_quantize` runs per chunk of rows, with the tensor's importance (one float per
+column: the mean squared activation from an imatrix, see convert.imatrix_file) or without, so the
+bytes are llama.cpp's bytes. F16 and BF16 go through the same call (ggml's own rounding), F32 is
+copied as is.
 
 Every quantizer works row by row (a block never spans rows), so rows can be split into chunks and
 across threads in any way without changing a byte; ctypes releases the GIL during the call.
@@ -43,14 +45,24 @@ def ggml_row_size(qtype: Q, n_per_row: int) -> int:
 _initialized: set[Q] = set()
 
 
-def _prepare(qtype: Q) -> None:
-    """Check the type is usable without an imatrix and build its tables before threads use it."""
+def _prepare(qtype: Q, has_importance: bool) -> None:
+    """Check the type can be made with what is given and build its tables before threads use it."""
+    if not has_importance and native.quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"{qtype.name} cannot be made without an importance matrix; "
+                         "compute one with `llamalocal imatrix`")
     if qtype in _initialized:
         return
-    if native.quantize_requires_imatrix(int(qtype)):
-        raise ValueError(f"{qtype.name} needs an importance matrix, which llamalocal does not compute")
-    native.quantize_init(int(qtype))  # IQ tables; a no-op for the types the presets use
+    native.quantize_init(int(qtype))  # the IQ types' grids; a no-op for the others
     _initialized.add(qtype)
+
+
+def _importance_ptr(importance: np.ndarray | None, ncols: int) -> int | None:
+    if importance is None:
+        return None
+    if importance.dtype != np.float32 or importance.shape != (ncols,) or not importance.flags.c_contiguous:
+        raise ValueError(f"importance must be {ncols} contiguous float32 values (one per column), "
+                         f"got {importance.dtype} {importance.shape}")
+    return importance.ctypes.data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def _scratch_f32(n: int) -> np.ndarray:
 
 
 def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarray, *,
-                   first_row: int = 0, validate: bool = True) -> np.ndarray:
+                   first_row: int = 0, validate: bool = True, importance: np.ndarray | None = None) -> np.ndarray:
     """Widen stored rows to float32 and store them as `qtype`, a cache-sized chunk at a time.
 
     The bytes are `quantize_rows`' bytes (ggml works row by row); the difference is memory
@@ -129,17 +141,20 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
         parts: the block's columns as (values, is_bf16) pairs, each values array (nrows, cols_i)
             C-contiguous fp16 / fp32 / fp64 / bf16-as-uint16; several parts are glued side by side
             (a row-parallel tensor's shards), one part is the usual case.
-        qtype: the output type (F32, F16, BF16 or a quantized type needing no imatrix).
+        qtype: the output type (F32, F16, BF16 or a quantized type).
         out: uint8 buffer of at least nrows * row_nbytes(total cols, qtype) bytes.
         first_row: where the block starts in its tensor, for error messages.
         validate: refuse NaN / inf in the values and in the result (ggml_validate_row_data), as
             llama-quantize does (it checks sources on load and results after each chunk).
+        importance: float32 (total cols,): how much each column matters (an imatrix entry, as
+            llama-quantize hands it to ggml), or None.
 
     Returns:
         The filled front of `out`.
 
     Raises:
-        ValueError: NaN / inf in the values or in the result, or a row that is not whole blocks.
+        ValueError: NaN / inf in the values or in the result, a row that is not whole blocks, or
+            a type that cannot be made without importance when none is given.
     """
     nrows = parts[0][0].shape[0]
     widths = [p.shape[1] for p, _ in parts]
@@ -147,8 +162,9 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
     row_size = row_nbytes(ncols, qtype)
     if out.size < nrows * row_size:
         raise ValueError(f"output buffer of {out.size} bytes for {nrows} rows of {row_size}")
+    imatrix = _importance_ptr(importance, ncols)
     if qtype != Q.F32:
-        _prepare(qtype)
+        _prepare(qtype, imatrix is not None)
     step = max(1, CACHE_CHUNK_ELEMENTS // ncols)
     work = _scratch_f32(step * ncols * (2 if len(parts) > 1 else 1))
     for r0 in range(0, nrows, step):
@@ -171,7 +187,7 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
             raise ValueError(f"{rows} hold NaN or infinite values")
         if qtype == Q.F32:
             continue
-        n = native.quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, k, ncols)
+        n = native.quantize_chunk(int(qtype), x.ctypes.data, dst.ctypes.data, k, ncols, imatrix)
         if n != k * row_size:
             raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {k * row_size}")
         # ggml prints what it finds on stderr: only values this large can overflow, and then the
@@ -181,14 +197,17 @@ def quantize_block(parts: list[tuple[np.ndarray, bool]], qtype: Q, out: np.ndarr
     return out[:nrows * row_size]
 
 
-def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True) -> np.ndarray:
+def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True,
+                  importance: np.ndarray | None = None) -> np.ndarray:
     """Store float32 rows as `qtype`, byte for byte as ggml (and so llama-quantize) does.
 
     Args:
         x: float32 (nrows, ncols) — or one row (ncols,) — with ncols a multiple of the block size.
-        qtype: F32, F16, BF16 or a quantized type that needs no importance matrix.
+        qtype: F32, F16, BF16 or a quantized type (one that needs an importance matrix only
+            with `importance`).
         validate: refuse NaN / inf in the input and in the result (ggml_validate_row_data), as
             llama-quantize does.
+        importance: float32 (ncols,) per-column importance, as in `quantize_block`.
 
     Returns:
         uint8 array of nrows * row_nbytes(ncols, qtype) bytes.
@@ -199,4 +218,5 @@ def quantize_rows(x: np.ndarray, qtype: Q, *, validate: bool = True) -> np.ndarr
     """
     x = _as_rows(x)
     out = np.empty(x.shape[0] * row_nbytes(x.shape[1], qtype), dtype=np.uint8)
-    return quantize_block([(x, False)], qtype, out, validate=validate) if x.shape[0] else out
+    return (quantize_block([(x, False)], qtype, out, validate=validate, importance=importance)
+            if x.shape[0] else out)

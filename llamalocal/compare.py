@@ -1,7 +1,7 @@
 """Several quantizations of one model side by side: what each preset costs in quality and buys in size.
 
-For every file: size, bits per weight, perplexity (as `perplexity` computes it) and its change
-against BASE, the mean KL divergence KL(base ‖ other) of the next-token distributions over the
+For every file: size, bits per weight, whether it was quantized with an importance matrix (and
+on which text), perplexity (as `perplexity` computes it) and its change against BASE, the mean KL divergence KL(base ‖ other) of the next-token distributions over the
 scored tokens, top-1 agreement with BASE (the fraction of scored positions whose most likely
 token is the same), and generation tokens/s from a short tg run (`bench`'s definition).
 
@@ -57,6 +57,12 @@ class CompareRow:
     top1: float  # fraction of scored tokens whose argmax equals BASE's
     tg_tps: float | None  # generation tokens/s (mean over TG_REPETITIONS runs)
     is_base: bool
+    imatrix: str | None = None  # the calibration text of its importance matrix (quantize.imatrix.*), if any
+
+    @property
+    def label(self) -> str:
+        """The quantization as the table names it: "q4_k_m", or "q4_k_m+imatrix" when calibrated."""
+        return f"{self.file_type}+imatrix" if self.imatrix else self.file_type
 
 
 @dataclass
@@ -82,6 +88,20 @@ def _mean_se(total: float, total2: float, n: int) -> tuple[float, float]:
     return mean, math.sqrt(max(var, 0.0) / (n - 1)) if n > 1 else 0.0
 
 
+def imatrix_of_file(path: Path) -> str | None:
+    """What llama-quantize (and `convert --imatrix`) record of the importance matrix a file was
+    quantized with: its dataset, else the imatrix file's name; None for a plain quantization."""
+    import gguf
+
+    from llamalocal.convert.imatrix_file import KEY_QUANTIZE_DATASET, KEY_QUANTIZE_FILE
+
+    fields = gguf.GGUFReader(str(path), "r").fields
+    for key in (KEY_QUANTIZE_DATASET, KEY_QUANTIZE_FILE):
+        if key in fields:
+            return str(fields[key].contents())
+    return None
+
+
 def _tg_rate(llm: Any, n_gen: int, threads: int | None) -> float | None:
     from llamalocal.bench import bench_loaded
 
@@ -99,6 +119,7 @@ class _Scored:
     weights_bytes: int
     n_params: int
     run: Running
+    imatrix: str | None = None
     kl_sum: float = 0.0
     kl_sum2: float = 0.0
     same_top: int = 0
@@ -153,7 +174,8 @@ def _evaluate(path: Path, text: bytes, *, n_ctx: int, chunks: int | None, base: 
                                 "compare only quantizations of the same model")
         n_chunks = plan_chunks(len(tokens), n_ctx, chunks)
         s = _Scored(model=str(path), file_type=desc.file_type, size_bytes=path.stat().st_size,
-                    weights_bytes=desc.weights_bytes, n_params=desc.n_params, run=Running())
+                    weights_bytes=desc.weights_bytes, n_params=desc.n_params, run=Running(),
+                    imatrix=imatrix_of_file(path))
         for w in score_windows(llm, tokens, n_ctx, n_chunks):
             lp = log_softmax(w.logits).astype(np.float32)  # (n_scored, n_vocab), float32 on both sides
             s.run.add(token_nll(lp.astype(np.float64), w.targets))
@@ -232,5 +254,5 @@ def _rows(scored: list[_Scored]) -> list[CompareRow]:
             bits_per_weight=8 * s.weights_bytes / s.n_params if s.n_params else float("nan"),
             ppl=ppl, ppl_stderr=s.run.ppl_stderr(), ppl_delta=ppl - base_ppl,
             ppl_delta_pct=100 * (ppl / base_ppl - 1), kl_mean=kl, kl_stderr=kl_se,
-            top1=s.same_top / n if n else float("nan"), tg_tps=s.tg_tps, is_base=i == 0))
+            top1=s.same_top / n if n else float("nan"), tg_tps=s.tg_tps, is_base=i == 0, imatrix=s.imatrix))
     return sorted(rows, key=lambda r: (-r.size_bytes, not r.is_base))

@@ -27,11 +27,20 @@ def models_dir(explicit: Path | None = None) -> Path:
     return Path(os.environ.get("LLAMALOCAL_MODELS") or ".")
 
 
+def is_imatrix_name(path: Path) -> bool:
+    """An importance-matrix file by its name (imatrix.gguf, imatrix-*.gguf, *.imatrix.gguf): GGUF too,
+    but not a model."""
+    name = path.name.lower()
+    return name.startswith("imatrix") or name.endswith(".imatrix.gguf")
+
+
 def find_ggufs(root: Path) -> list[Path]:
-    """GGUF files under `root` (two levels deep), newest first. Partial (.tmp) files are skipped."""
+    """GGUF model files under `root` (two levels deep), newest first. Partial (.tmp) files and
+    importance matrices (`is_imatrix_name`) are skipped."""
     if not root.is_dir():
         return []
-    found = [p for pattern in ("*.gguf", "*/*.gguf") for p in root.glob(pattern) if p.is_file()]
+    found = [p for pattern in ("*.gguf", "*/*.gguf") for p in root.glob(pattern)
+             if p.is_file() and not is_imatrix_name(p)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

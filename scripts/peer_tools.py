@@ -1,8 +1,9 @@
 """Build llama.cpp's own measuring tools from the llama-cpp-python 0.3.36 source distribution.
 
-The benchmark scripts compare llamalocal's `perplexity` and `bench` with llama.cpp's
-`llama-perplexity` and `llama-bench` built from the very sources llama-cpp-python wraps, so any
-difference is ours and not a version skew. Used only by scripts, never by the tests.
+The benchmark scripts compare llamalocal's `perplexity`, `bench`, `imatrix` and `convert --imatrix`
+with llama.cpp's `llama-perplexity`, `llama-bench`, `llama-imatrix` and `llama-quantize` built from
+the very sources llama-cpp-python wraps, so any difference is ours and not a version skew. Used
+only by scripts, never by the tests.
 
     python scripts/peer_tools.py                       # download the sdist, build, print the bin dir
     python scripts/peer_tools.py --sdist /tmp/peer/llama_cpp_python-0.3.36.tar.gz
@@ -24,7 +25,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}"
-TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize")
+TARGETS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix")
 
 
 def cache_dir() -> Path:
@@ -83,7 +84,7 @@ def tool(name: str) -> Path | None:
 
 
 def build(sdist: Path | None = None, jobs: int = 2) -> Path:
-    """Configure and build the three tools (CPU only, no network features); returns the bin dir."""
+    """Configure and build the tools (CPU only, no network features); returns the bin dir."""
     if all(tool(t) for t in TARGETS):
         _log(f"reusing the finished build in {bin_dir()}")
         return bin_dir()

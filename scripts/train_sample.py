@@ -37,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = ("sentencepiece", "0.2.0", "sentencepiece-0.2.0/test/botchan.txt")
-HELDOUT_FRACTION = 0.08
+HELDOUT_FRACTION = 0.08  # the end of the book: never trained on, never used to choose the model
+VALID_FRACTION = 0.04  # just before it: picks the step to keep (the model overfits a small book)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,11 @@ def build_model(p: Params, n_vocab: int):
     return model
 
 
-def train(model, ids, *, steps: int, batch: int, seq: int, lr: float, seed: int, log) -> float:
+def train(model, ids, valid_ids, *, steps: int, batch: int, seq: int, lr: float, seed: int, log) -> tuple[float, float]:
+    """AdamW with warm-up and cosine decay; every 100 steps the validation loss is measured and the
+    best weights so far are kept. Returns (training loss then, validation loss)."""
+    import copy
+
     import torch
 
     torch.manual_seed(seed)
@@ -187,6 +192,7 @@ def train(model, ids, *, steps: int, batch: int, seq: int, lr: float, seed: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     loss_ema = None
+    best = (math.inf, math.inf, copy.deepcopy(model.state_dict()))
     t0 = time.perf_counter()
     for step in range(steps):
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -201,9 +207,15 @@ def train(model, ids, *, steps: int, batch: int, seq: int, lr: float, seed: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"step {step:5d}/{steps}  loss {loss_ema:.3f}  {time.perf_counter() - t0:.0f} s")
-    return float(loss_ema)
+        if step % 100 == 99 or step == steps - 1:
+            valid = evaluate(model, valid_ids, seq)
+            model.train()
+            if valid < best[1]:
+                best = (float(loss_ema), valid, copy.deepcopy(model.state_dict()))
+            log(f"step {step + 1:5d}/{steps}  loss {loss_ema:.3f}  validation {valid:.3f}  "
+                f"{time.perf_counter() - t0:.0f} s")
+    model.load_state_dict(best[2])
+    return best[0], best[1]
 
 
 def evaluate(model, ids, seq: int) -> float:
@@ -212,6 +224,7 @@ def evaluate(model, ids, seq: int) -> float:
 
     data = torch.tensor(ids, dtype=torch.long)
     total, n = 0.0, 0
+    model.eval()
     with torch.no_grad():
         for s in range(0, len(data) - seq - 1, seq):
             x, y = data[s:s + seq][None], data[s + 1:s + seq + 1][None]
@@ -229,8 +242,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "samples")
     ap.add_argument("--name", default="botchan-tiny")
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -247,11 +260,14 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     text = book_text()
-    cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELDOUT_FRACTION)))
-    if cut <= 0:
-        raise SystemExit("no paragraph break to split the book at; is the text what the script expects?")
-    train_text, heldout = text[:cut].strip() + "\n", text[cut:].strip() + "\n"
-    log(f"Botchan: {len(text):,} characters; training on {len(train_text):,}, holding out {len(heldout):,}")
+    # the book's lines carry no blank lines: hold out from the end of a sentence on
+    cut = text.rfind(".\n", 0, int(len(text) * (1 - HELDOUT_FRACTION))) + 2
+    vcut = text.rfind(".\n", 0, int(len(text) * (1 - HELDOUT_FRACTION - VALID_FRACTION))) + 2
+    if vcut <= 2:
+        raise SystemExit("no sentence end to split the book at; is the text what the script expects?")
+    train_text, valid_text, heldout = text[:vcut], text[vcut:cut], text[cut:].strip() + "\n"
+    log(f"Botchan: {len(text):,} characters; training on {len(train_text):,}, validating on {len(valid_text):,}, "
+        f"holding out {len(heldout):,}")
 
     out, model_dir = a.out, a.out / a.name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -259,17 +275,21 @@ def main() -> None:
     (out / "tokenizer.model").write_bytes(tok_bytes)
     (out / "tokenizer_checklist.chk").write_text(f"{_md5(out / 'tokenizer.model')}  tokenizer.model\n")
     sp = spm.SentencePieceProcessor(model_proto=tok_bytes)
-    ids = [i for line in train_text.splitlines(keepends=True) for i in sp.encode(line)]
-    held_ids = [i for line in heldout.splitlines(keepends=True) for i in sp.encode(line)]
+    def encode(t: str) -> list[int]:
+        return [i for line in t.splitlines(keepends=True) for i in sp.encode(line)]
+
+    ids, valid_ids, held_ids = encode(train_text), encode(valid_text), encode(heldout)
     log(f"tokenizer: {sp.vocab_size()} pieces; {len(ids):,} training tokens, {len(held_ids):,} held out")
 
     p = Params()
     model = build_model(p, sp.vocab_size())
     n_params = sum(w.numel() for w in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, FFN {hidden_dim(p)}")
-    final = train(model, ids, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr, seed=a.seed, log=log)
+    final, valid = train(model, ids, valid_ids, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr, seed=a.seed,
+                         log=log)
     held = evaluate(model, held_ids, a.seq)
-    log(f"training loss {final:.3f}, held-out loss {held:.3f} nats/token (perplexity {math.exp(held):.1f})")
+    log(f"kept: training loss {final:.3f}, validation {valid:.3f}, held-out {held:.3f} nats/token "
+        f"(perplexity {math.exp(held):.1f})")
 
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     torch.save(state, model_dir / "consolidated.00.pth")
@@ -281,8 +301,9 @@ def main() -> None:
         "source": "Botchan (Master Darling), Natsume Soseki, tr. Yasotaro Morri (1919), Project Gutenberg #8868, "
                   "public domain; from the sentencepiece 0.2.0 sdist's test/botchan.txt",
         "params": asdict(p), "n_params": n_params, "vocab": sp.vocab_size(), "steps": a.steps, "batch": a.batch,
-        "seq": a.seq, "lr": a.lr, "seed": a.seed, "train_tokens": len(ids), "heldout_tokens": len(held_ids),
-        "train_loss": round(final, 4), "heldout_loss": round(held, 4), "torch": torch.__version__,
+        "seq": a.seq, "lr": a.lr, "seed": a.seed, "train_tokens": len(ids), "valid_tokens": len(valid_ids),
+        "heldout_tokens": len(held_ids), "train_loss": round(final, 4), "valid_loss": round(valid, 4),
+        "heldout_loss": round(held, 4), "torch": torch.__version__,
     }, indent=2) + "\n")
     log(f"wrote {model_dir} ({(model_dir / 'consolidated.00.pth').stat().st_size / 2**20:.1f} MiB)")
 

@@ -25,9 +25,12 @@ def rope(x: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-def forward(w: dict[str, np.ndarray], p, tokens: list[int]) -> np.ndarray:
-    """Logits (T, vocab) for `tokens` with merged Meta weights `w` (meta names) and ModelParams `p`."""
+def forward(w: dict[str, np.ndarray], p, tokens: list[int], taps=None) -> np.ndarray:
+    """Logits (T, vocab) for `tokens` with merged Meta weights `w` (meta names) and ModelParams `p`.
+
+    `taps(name, x)`, if given, is called with every matmul's weight name and its input (T, in)."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
+    tap = taps or (lambda name, x: None)
     T, H, KV, hd = len(tokens), p.n_heads, p.kv_heads, p.head_dim
     theta = p.rope_theta or 10000.0
     x = w["tok_embeddings.weight"][tokens]  # (T, dim)
@@ -35,6 +38,8 @@ def forward(w: dict[str, np.ndarray], p, tokens: list[int]) -> np.ndarray:
     for i in range(p.n_layers):
         L = f"layers.{i}."
         h = rmsnorm(x, w[L + "attention_norm.weight"], p.norm_eps)
+        for m in ("wq", "wk", "wv"):
+            tap(L + f"attention.{m}.weight", h)
         q = rope((h @ w[L + "attention.wq.weight"].T).reshape(T, H, hd), theta)
         k = rope((h @ w[L + "attention.wk.weight"].T).reshape(T, KV, hd), theta)
         v = (h @ w[L + "attention.wv.weight"].T).reshape(T, KV, hd)
@@ -43,11 +48,18 @@ def forward(w: dict[str, np.ndarray], p, tokens: list[int]) -> np.ndarray:
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
         att = np.einsum("hts,shd->thd", scores, v).reshape(T, H * hd)
+        tap(L + "attention.wo.weight", att)
         x = x + att @ w[L + "attention.wo.weight"].T
         h = rmsnorm(x, w[L + "ffn_norm.weight"], p.norm_eps)
+        tap(L + "feed_forward.w1.weight", h)
+        tap(L + "feed_forward.w3.weight", h)
         a, b = h @ w[L + "feed_forward.w1.weight"].T, h @ w[L + "feed_forward.w3.weight"].T
-        x = x + ((a / (1 + np.exp(-a))) * b) @ w[L + "feed_forward.w2.weight"].T
-    return rmsnorm(x, w["norm.weight"], p.norm_eps) @ w["output.weight"].T
+        g = (a / (1 + np.exp(-a))) * b
+        tap(L + "feed_forward.w2.weight", g)
+        x = x + g @ w[L + "feed_forward.w2.weight"].T
+    h = rmsnorm(x, w["norm.weight"], p.norm_eps)
+    tap("output.weight", h)
+    return h @ w["output.weight"].T
 
 
 def load_merged(model_dir, split_dims: dict[str, int | None]) -> dict[str, np.ndarray]:

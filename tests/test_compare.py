@@ -115,7 +115,7 @@ def test_cli_json_table_and_plot(converted, text_file, tmp_path):
     assert {"base", "n_ctx", "chunks", "tokens", "rows"} <= set(data)
     assert data["base"] == str(base) and data["n_ctx"] == 64 and data["chunks"] == 2
     keys = {"model", "file_type", "size_bytes", "n_params", "bits_per_weight", "ppl", "ppl_stderr", "ppl_delta",
-            "ppl_delta_pct", "kl_mean", "kl_stderr", "top1", "tg_tps", "is_base"}
+            "ppl_delta_pct", "kl_mean", "kl_stderr", "top1", "tg_tps", "is_base", "imatrix"}
     assert [set(row) for row in data["rows"]] == [keys, keys]
     assert [row["is_base"] for row in data["rows"]] == [True, False]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,10 @@
 """convert.presets against llama.cpp itself.
 
 For small llama GGUFs written at F32 with gguf-py, run llama.cpp's own `llama_model_quantize` at
-every preset, then check, for every tensor of the result, that `tensor_type` names the type
-llama.cpp chose and that `quantize_rows` gives the very bytes llama.cpp wrote.
+every preset, without and with an importance matrix, then check, for every tensor of the result,
+that `tensor_type` names the type llama.cpp chose and that `quantize_rows` (given the same
+importance) gives the very bytes llama.cpp wrote; and that the presets llama.cpp refuses without
+an importance matrix are exactly those marked `needs_imatrix`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from llamalocal.convert.presets import PRESETS, Preset, parse_preset, tensor_type, use_more_bits  # noqa: E402
+from llamalocal.convert import native  # noqa: E402
+from llamalocal.convert.presets import (  # noqa: E402
+    PRESETS,
+    Preset,
+    parse_preset,
+    requires_imatrix,
+    tensor_type,
+    use_more_bits,
+)
 from llamalocal.convert.quantize import quantize_rows  # noqa: E402
-from llamalocal.errors import BadInputError  # noqa: E402
+from llamalocal.errors import BadInputError, LlamalocalError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # tiny llama GGUFs
@@ -30,7 +40,8 @@ from llamalocal.errors import BadInputError  # noqa: E402
 @dataclass(frozen=True)
 class Model:
     """Hyper-parameters of a test model. `rows` overrides every 2-D tensor's row count to keep
-    the 80-layer models small (llama-quantize reads shapes, it does not check them)."""
+    the models small (llama-quantize reads shapes, it does not check them, and its choices look
+    at the row length, never at the number of rows; the IQ quantizers are slow)."""
 
     n_layers: int
     dim: int
@@ -43,12 +54,12 @@ class Model:
 
 MODELS = {
     # use_more_bits picks layers 0, 3, 6, 7 of 8 and 0, 1, 4, 7, 10, 13, 14, 15 of 16
-    "mha-8": Model(n_layers=8, dim=256, ffn=512, n_head=4, n_head_kv=4),
+    "mha-8": Model(n_layers=8, dim=256, ffn=512, n_head=4, n_head_kv=4, rows=24),
     # GQA factor 4: Q2_K's attn_v goes to Q4_K instead of Q3_K
-    "gqa4-16": Model(n_layers=16, dim=256, ffn=512, n_head=8, n_head_kv=2),
+    "gqa4-16": Model(n_layers=16, dim=256, ffn=512, n_head=8, n_head_kv=2, rows=24),
     # rows of 288 (not a multiple of 256: k-quants fall back) and ffn_down rows of 200 (not even
     # a multiple of 32: F16)
-    "odd-rows": Model(n_layers=4, dim=288, ffn=200, n_head=4, n_head_kv=4),
+    "odd-rows": Model(n_layers=4, dim=288, ffn=200, n_head=4, n_head_kv=4, rows=24),
     # llama.cpp's "70B" (80 layers with GQA): attn_v Q3_K/Q4_K -> Q5_K ...
     "70b": Model(n_layers=80, dim=256, ffn=256, n_head=8, n_head_kv=1, vocab=16, rows=8),
     # ... but not "65B" (80 layers, no GQA)
@@ -123,12 +134,38 @@ def f32_models(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]
             for i, (key, m) in enumerate(MODELS.items())}
 
 
-def _llama_quantize(src: Path, dst: Path, preset: Preset) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(preset.ftype)
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    assert rc == 0, f"llama_model_quantize failed for {preset.name}"
+def _importance(tensors: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """A stand-in imatrix: positive per-column weights for every 2-D tensor llama-imatrix would
+    cover (the blk.* matmuls) plus output.weight (as with --process-output)."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.gamma(0.5, 2.0, a.shape[-1]).astype(np.float32) for name, a in tensors.items()
+            if a.ndim == 2 and name != "token_embd.weight"}
+
+
+def _llama_quantize(src: Path, dst: Path, preset: Preset, imatrix: dict[str, np.ndarray] | None = None) -> None:
+    native.model_quantize(src, dst, int(preset.ftype), nthread=2, imatrix=imatrix)
+
+
+def _check_against_llama_cpp(out: Path, m: Model, p: Preset, tensors: dict[str, np.ndarray],
+                             imatrix: dict[str, np.ndarray] | None) -> None:
+    reader = gguf.GGUFReader(str(out))
+    assert int(reader.fields["general.file_type"].contents()) == int(p.ftype)
+    assert {t.name for t in reader.tensors} == set(tensors)
+
+    wrong = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy (rows, cols)
+        assert shape == tensors[t.name].shape
+        ours = tensor_type(p, t.name, shape, n_layers=m.n_layers, n_head=m.n_head, n_head_kv=m.n_head_kv,
+                           has_imatrix=imatrix is not None)
+        if ours != t.tensor_type:
+            wrong[t.name] = (ours.name, Q(t.tensor_type).name)
+            continue
+        # the same quantizer on the same floats and importance: llama.cpp's bytes exactly
+        importance = (imatrix or {}).get(t.name)
+        assert np.array_equal(quantize_rows(tensors[t.name], ours, importance=importance),
+                              np.asarray(t.data).view(np.uint8).reshape(-1)), t.name
+    assert not wrong, f"tensor_type (ours, llama.cpp) differs for {wrong}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,23 +180,44 @@ def test_same_types_and_bytes_as_llama_quantize(f32_models, tmp_path, model, pre
     src, tensors = f32_models[model]
     m, p = MODELS[model], PRESETS[preset]
     out = tmp_path / f"{model}-{preset}.gguf"
+    needing = [n for n, a in tensors.items()
+               if requires_imatrix(p, n, tensor_type(p, n, a.shape, n_layers=m.n_layers, n_head=m.n_head,
+                                                     n_head_kv=m.n_head_kv))]
+    if needing:
+        # llama.cpp refuses, before writing anything; so must we (tested in test_imatrix_convert)
+        with pytest.raises(LlamalocalError, match="llama_model_quantize failed"):
+            _llama_quantize(src, out, p)
+        assert not out.exists()
+        return
     _llama_quantize(src, out, p)
+    _check_against_llama_cpp(out, m, p, tensors, None)
 
-    reader = gguf.GGUFReader(str(out))
-    assert int(reader.fields["general.file_type"].contents()) == int(p.ftype)
-    assert {t.name for t in reader.tensors} == set(tensors)
 
-    wrong = {}
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy (rows, cols)
-        assert shape == tensors[t.name].shape
-        ours = tensor_type(p, t.name, shape, n_layers=m.n_layers, n_head=m.n_head, n_head_kv=m.n_head_kv)
-        if ours != t.tensor_type:
-            wrong[t.name] = (ours.name, Q(t.tensor_type).name)
-            continue
-        # the same quantizer on the same floats: llama.cpp's bytes exactly
-        assert np.array_equal(quantize_rows(tensors[t.name], ours), np.asarray(t.data).view(np.uint8).reshape(-1)), t.name
-    assert not wrong, f"tensor_type (ours, llama.cpp) differs for {wrong}"
+# Presets whose choices depend on the imatrix, or that cannot be made without one: on every model.
+# The others choose as without one and only their bytes change: on two models (one with fallbacks).
+_IMATRIX_CHOICES = {"iq3_xxs", "iq4_nl", "iq4_xs", "q4_0", "q5_0"} | {p.name for p in PRESETS.values() if p.needs_imatrix}
+_WITH_IMATRIX = [(model, preset) for preset, p in PRESETS.items() if p.quantized
+                 for model in (MODELS if preset in _IMATRIX_CHOICES else ("mha-8", "odd-rows"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,preset", _WITH_IMATRIX)
+def test_same_types_and_bytes_as_llama_quantize_with_an_imatrix(f32_models, tmp_path, model, preset):
+    src, tensors = f32_models[model]
+    m, p = MODELS[model], PRESETS[preset]
+    imatrix = _importance(tensors, seed=len(preset))
+    out = tmp_path / f"{model}-{preset}-imatrix.gguf"
+    _llama_quantize(src, out, p, imatrix)
+    _check_against_llama_cpp(out, m, p, tensors, imatrix)
+
+
+def test_needs_imatrix_is_what_requires_imatrix_says():
+    """A preset is refused without an imatrix iff one of a LLaMA-7B's tensors needs one."""
+    for p in PRESETS.values():
+        needing = [n for n, shape in _shapes(Model(n_layers=32, dim=4096, ffn=11008, n_head=32, n_head_kv=32,
+                                                    vocab=32000)).items()
+                   if requires_imatrix(p, n, tensor_type(p, n, shape, n_layers=32, n_head=32, n_head_kv=32))]
+        assert bool(needing) == p.needs_imatrix, p.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,13 +278,14 @@ def test_layer_out_of_range():
 
 @pytest.mark.parametrize("text,name", [
     ("q4_0", "q4_0"), ("Q4_0", "q4_0"), ("q4_K_M", "q4_k_m"), ("--q8_0", "q8_0"), ("q4-k-m", "q4_k_m"),
-    ("4_0", "q4_0"), ("q4_k", "q4_k_m"), ("F16", "f16"), ("fp32", "f32"),
+    ("4_0", "q4_0"), ("q4_k", "q4_k_m"), ("F16", "f16"), ("fp32", "f32"), ("IQ2_XS", "iq2_xs"),
+    ("q6_K", "q6_k"), ("Q2_K_S", "q2_k_s"), ("q5_k", "q5_k_m"),
 ])
 def test_parse_preset(text, name):
     assert parse_preset(text).name == name
 
 
-@pytest.mark.parametrize("text", ["q4", "q6_k", "iq2_xs", "", "q4_k_s"])
+@pytest.mark.parametrize("text", ["q4", "q6", "iq2", "", "q4_k_x", "tq1_0"])
 def test_parse_preset_refuses_with_the_valid_names(text):
     with pytest.raises(BadInputError, match="q4_k_m") as e:
         parse_preset(text)
@@ -234,8 +293,12 @@ def test_parse_preset_refuses_with_the_valid_names(text):
 
 
 def test_preset_table():
-    assert list(PRESETS) == ["f32", "f16", "q8_0", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1", "q4_0",
-                             "q3_k_m", "q2_k"]
+    assert list(PRESETS) == ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                             "q4_1", "iq4_nl", "q4_0", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "iq3_m", "iq3_s",
+                             "iq3_xs", "iq3_xxs", "q2_k", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs",
+                             "iq1_m", "iq1_s"]
+    assert [p.name for p in PRESETS.values() if p.needs_imatrix] == [
+        "iq3_xs", "iq3_xxs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"]
     assert PRESETS["q8_0"].bits_per_weight == 8.5
     assert PRESETS["q4_0"].bits_per_weight == 4.5
     assert PRESETS["q5_1"].bits_per_weight == 6.0

@@ -79,9 +79,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llamalocal.cli import convert_cmd, measure_cmd, plan_cmd, run_cmd, serve_cmd, worker_cmd
+    from llamalocal.cli import convert_cmd, imatrix_cmd, measure_cmd, plan_cmd, run_cmd, serve_cmd, worker_cmd
 
-    for module in (convert_cmd, run_cmd, plan_cmd, serve_cmd, measure_cmd, worker_cmd):
+    for module in (convert_cmd, imatrix_cmd, run_cmd, plan_cmd, serve_cmd, measure_cmd, worker_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

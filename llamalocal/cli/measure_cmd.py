@@ -171,7 +171,8 @@ def compare(base: str, others: tuple[str, ...], text_file: Path, n_ctx: int, chu
 
     For each file: size, bits per weight, perplexity and its change against BASE, mean KL
     divergence from BASE's next-token distributions, top-1 agreement with BASE, and generation
-    tokens/s — one table sorted by size.
+    tokens/s — one table sorted by size. A file quantized with an importance matrix shows as
+    TYPE+imatrix, so the same preset with and without calibration can be put side by side.
     """
     from llamalocal.compare import compare as run_compare
     from llamalocal.paths import resolve_gguf
@@ -202,7 +203,7 @@ def compare_table(result: Any) -> str:
     lines = []
     for r in result.rows:
         lines.append([
-            Path(r.model).name, r.file_type, human_bytes(r.size_bytes), f"{r.bits_per_weight:.2f}",
+            Path(r.model).name, r.label, human_bytes(r.size_bytes), f"{r.bits_per_weight:.2f}",
             f"{r.ppl:.4f} ± {_fmt(r.ppl_stderr, '.4f')}",
             "base" if r.is_base else f"{r.ppl_delta:+.4f} ({r.ppl_delta_pct:+.2f}%)",
             "—" if r.is_base else f"{r.kl_mean:.6f}",
@@ -243,7 +244,7 @@ def draw_plot(result: Any, plot_file: Path) -> None:
         x = r.size_bytes / scale
         ax.errorbar([x], [r.ppl], yerr=[r.ppl_stderr if math.isfinite(r.ppl_stderr) else 0.0], fmt="o",
                     color="tab:red" if r.is_base else "tab:blue", capsize=3)
-        ax.annotate(f"{r.file_type}{' (base)' if r.is_base else ''}", (x, r.ppl), textcoords="offset points",
+        ax.annotate(f"{r.label}{' (base)' if r.is_base else ''}", (x, r.ppl), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)
     ax.set_xlabel(f"file size ({unit})")
     ax.set_ylabel(f"perplexity (ctx {result.n_ctx}, {result.tokens} tokens)")
