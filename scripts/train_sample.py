@@ -95,7 +95,7 @@ def hidden_dim(p: Params) -> int:
     return p.multiple_of * ((hidden + p.multiple_of - 1) // p.multiple_of)
 
 
-def build_model(p: Params, n_vocab: int):
+def build_model(p: Params, n_vocab: int, dropout: float = 0.0):
     import torch
     from torch import nn
 
@@ -143,6 +143,8 @@ def build_model(p: Params, n_vocab: int):
         def forward(self, x):
             return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
+    drop = nn.Dropout(dropout)
+
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -152,8 +154,9 @@ def build_model(p: Params, n_vocab: int):
             self.ffn_norm = RMSNorm()
 
         def forward(self, x, freqs):
-            h = x + self.attention(self.attention_norm(x), freqs)
-            return h + self.feed_forward(self.ffn_norm(h))
+            # dropout on the residual branches while training only: a small book is learnt by heart fast
+            h = x + drop(self.attention(self.attention_norm(x), freqs))
+            return h + drop(self.feed_forward(self.ffn_norm(h)))
 
     class Transformer(nn.Module):
         def __init__(self) -> None:
@@ -167,7 +170,7 @@ def build_model(p: Params, n_vocab: int):
             T = tokens.shape[1]
             inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
             freqs = torch.polar(torch.ones(T, head_dim // 2), torch.outer(torch.arange(T).float(), inv))
-            h = self.tok_embeddings(tokens)
+            h = drop(self.tok_embeddings(tokens))
             for layer in self.layers:
                 h = layer(h, freqs)
             return self.output(self.norm(h))
@@ -193,6 +196,7 @@ def train(model, ids, valid_ids, *, steps: int, batch: int, seq: int, lr: float,
     warmup = max(1, steps // 20)
     loss_ema = None
     best = (math.inf, math.inf, copy.deepcopy(model.state_dict()))
+    worse = 0  # evaluations in a row without a better validation loss
     t0 = time.perf_counter()
     for step in range(steps):
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -211,9 +215,14 @@ def train(model, ids, valid_ids, *, steps: int, batch: int, seq: int, lr: float,
             valid = evaluate(model, valid_ids, seq)
             model.train()
             if valid < best[1]:
-                best = (float(loss_ema), valid, copy.deepcopy(model.state_dict()))
+                best, worse = (float(loss_ema), valid, copy.deepcopy(model.state_dict())), 0
+            else:
+                worse += 1
             log(f"step {step + 1:5d}/{steps}  loss {loss_ema:.3f}  validation {valid:.3f}  "
                 f"{time.perf_counter() - t0:.0f} s")
+            if worse == 3:
+                log("validation has not improved for 300 steps: stopping")
+                break
     model.load_state_dict(best[2])
     return best[0], best[1]
 
@@ -247,6 +256,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
 
@@ -282,7 +292,7 @@ def main() -> None:
     log(f"tokenizer: {sp.vocab_size()} pieces; {len(ids):,} training tokens, {len(held_ids):,} held out")
 
     p = Params()
-    model = build_model(p, sp.vocab_size())
+    model = build_model(p, sp.vocab_size(), a.dropout)
     n_params = sum(w.numel() for w in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, FFN {hidden_dim(p)}")
     final, valid = train(model, ids, valid_ids, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr, seed=a.seed,
@@ -301,7 +311,7 @@ def main() -> None:
         "source": "Botchan (Master Darling), Natsume Soseki, tr. Yasotaro Morri (1919), Project Gutenberg #8868, "
                   "public domain; from the sentencepiece 0.2.0 sdist's test/botchan.txt",
         "params": asdict(p), "n_params": n_params, "vocab": sp.vocab_size(), "steps": a.steps, "batch": a.batch,
-        "seq": a.seq, "lr": a.lr, "seed": a.seed, "train_tokens": len(ids), "valid_tokens": len(valid_ids),
+        "seq": a.seq, "lr": a.lr, "dropout": a.dropout, "seed": a.seed, "train_tokens": len(ids), "valid_tokens": len(valid_ids),
         "heldout_tokens": len(held_ids), "train_loss": round(final, 4), "valid_loss": round(valid, 4),
         "heldout_loss": round(held, 4), "torch": torch.__version__,
     }, indent=2) + "\n")

@@ -66,3 +66,15 @@ def test_native_refuses_another_llama_cpp_python(monkeypatch):
     monkeypatch.setattr(native, "installed_version", lambda: native.PINNED_LLAMA_CPP_PYTHON)
     monkeypatch.delenv("LLAMALOCAL_ALLOW_LLAMA_CPP_VERSION")
     native.check_version()
+
+
+def test_every_package_is_installed():
+    """Each folder of modules under llamalocal/ is listed in pyproject.toml's packages (a wheel built
+    without one would lack it while an editable install still finds it)."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"llamalocal"} | {"llamalocal." + d.name for d in (REPO / "llamalocal").iterdir()
+                              if (d / "__init__.py").is_file()}
+    assert found == listed
