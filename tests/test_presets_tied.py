@@ -61,12 +61,17 @@ def _write(path: Path, dim: int, vocab: int, tied: bool, seed: int) -> dict[str,
     return tensors
 
 
-def _quantize(src: Path, dst: Path, preset: Preset) -> gguf.GGUFReader:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(preset.ftype)
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+def _quantize(src: Path, dst: Path, preset: Preset, imatrix: dict[str, np.ndarray] | None) -> gguf.GGUFReader:
+    from llamalocal.convert import native
+
+    native.model_quantize(src, dst, int(preset.ftype), nthread=2, imatrix=imatrix)
     return gguf.GGUFReader(str(dst))
+
+
+def _importance(tensors: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """A made-up importance per column of every matrix (the presets that cannot do without one)."""
+    rng = np.random.default_rng(seed)
+    return {n: rng.uniform(0.1, 2.0, a.shape[1]).astype(np.float32) for n, a in tensors.items() if a.ndim == 2}
 
 
 # rows of 256 (every k-quant fits) and of 288 (Q6_K does not: llama.cpp falls back)
@@ -78,14 +83,16 @@ def test_token_embd_of_a_tied_model_as_llama_quantize(tmp_path, preset, dim):
     for tied in (True, False):
         src = tmp_path / f"{tied}.gguf"
         tensors = _write(src, dim, 64, tied, seed=dim)
-        reader = _quantize(src, tmp_path / f"{tied}-{preset}.gguf", p)
+        imatrix = _importance(tensors, seed=dim) if p.needs_imatrix else None
+        reader = _quantize(src, tmp_path / f"{tied}-{preset}.gguf", p, imatrix)
         assert ("output.weight" in {t.name for t in reader.tensors}) is not tied
         t = next(t for t in reader.tensors if t.name == "token_embd.weight")
         ours = tensor_type(p, t.name, (64, dim), n_layers=N_LAYERS, n_head=N_HEAD, n_head_kv=N_HEAD_KV,
-                           tied_embeddings=tied)
+                           tied_embeddings=tied, has_imatrix=imatrix is not None)
         assert ours == t.tensor_type, (tied, ours.name, gguf.GGMLQuantizationType(t.tensor_type).name)
         got = np.asarray(t.data).view(np.uint8).reshape(-1)
-        assert np.array_equal(quantize_rows(tensors[t.name], ours), got)
+        importance = imatrix.get(t.name) if imatrix else None
+        assert np.array_equal(quantize_rows(tensors[t.name], ours, importance=importance), got)
         chosen[tied] = ours
     if preset == "q4_0":  # the rule matters: the output's Q6_K (Q8_0 for rows of 288), not Q4_0
         assert chosen[False] == gguf.GGMLQuantizationType.Q4_0 and chosen[True] != chosen[False]
