@@ -194,3 +194,17 @@ def build_sample(target: Path, name: str = "sample", spec: SampleSpec = SampleSp
     (model_dir / "params.json").write_text(json.dumps(params))
     _write_checklist(model_dir, files + ["params.json"] + listed, "checklist.chk")
     return model_dir
+
+
+def llama3_tokenizer_file(shared: Path | None = None) -> Path | None:
+    """Meta's Llama-3 tokenizer.model, for building Llama-3 samples: `shared` (the team's fixtures)
+    if it is there, else the identical copy llama-models ships; None when neither is."""
+    if shared is not None and shared.is_file():
+        return shared
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or spec.origin is None:
+        return None
+    bundled = Path(spec.origin).parent / "llama3" / "tokenizer.model"
+    return bundled if bundled.is_file() else None

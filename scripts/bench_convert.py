@@ -99,15 +99,12 @@ def hf_peer() -> tuple[Path, Path]:
 
 def llama3_tokenizer() -> Path:
     """Meta's Llama-3 tokenizer.model: ../shared's copy, else the identical one llama-models ships."""
-    shared = REPO.parent / "shared/fixtures/llama3-tokenizer/tokenizer.model"
-    if shared.is_file():
-        return shared
-    import importlib.util
+    from llamalocal.convert.sample import llama3_tokenizer_file
 
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or spec.origin is None:
+    found = llama3_tokenizer_file(REPO.parent / "shared/fixtures/llama3-tokenizer/tokenizer.model")
+    if found is None:
         raise SystemExit("no Llama-3 tokenizer.model: ../shared is absent and llama-models is not installed")
-    return Path(spec.origin).parent / "llama3" / "tokenizer.model"
+    return found
 
 
 def compare_outputs(ours: Path, peer: Path) -> str:

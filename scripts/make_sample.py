@@ -26,15 +26,13 @@ from llamalocal.convert.sample import TIED_SHARED, UNTIED, SampleSpec, build_sam
 
 
 def llama3_tokenizer() -> Path:
-    shared = REPO.parent / "shared/fixtures/llama3-tokenizer/tokenizer.model"
-    if shared.is_file():
-        return shared
-    import importlib.util
+    """Meta's Llama-3 tokenizer.model: ../shared's copy, else the identical one llama-models ships."""
+    from llamalocal.convert.sample import llama3_tokenizer_file
 
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or spec.origin is None:
+    found = llama3_tokenizer_file(REPO.parent / "shared/fixtures/llama3-tokenizer/tokenizer.model")
+    if found is None:
         raise SystemExit("--llama3 needs Meta's tokenizer.model: pass --tokenizer, or pip install llama-models")
-    return Path(spec.origin).parent / "llama3" / "tokenizer.model"
+    return found
 
 
 def main() -> None:

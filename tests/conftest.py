@@ -104,15 +104,12 @@ def llama_cpp_src() -> Path:
 @pytest.fixture(scope="session")
 def llama3_tokenizer() -> Path:
     """Meta's real Llama-3 tokenizer.model: ../shared's copy, else the identical file llama-models ships."""
-    if LLAMA3_TOKENIZER.is_file():
-        return LLAMA3_TOKENIZER
-    import importlib.util
+    from llamalocal.convert.sample import llama3_tokenizer_file
 
-    spec = importlib.util.find_spec("llama_models")
-    bundled = Path(spec.origin).parent / "llama3" / "tokenizer.model" if spec and spec.origin else None
-    if bundled is None or not bundled.is_file():
+    found = llama3_tokenizer_file(LLAMA3_TOKENIZER)
+    if found is None:
         pytest.skip("no Llama-3 tokenizer.model (../shared absent and llama-models not installed)")
-    return bundled
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,54 +15,13 @@ from llamalocal.model_desc import REFERENCE_QUANTS, REFERENCE_SHAPES, read_model
 def write_gguf(path: Path, *, n_layers: int = 2, n_embd: int = 64, n_ff: int = 128, n_head: int = 4,
                n_head_kv: int = 4, n_vocab: int = 300, n_ctx: int = 256, dtype=np.float32,
                name: str = "test-model") -> Path:
-    """A loadable llama GGUF with synthetic weights and a byte-fallback vocabulary (>= 259 tokens)."""
-    import gguf
+    """A loadable llama GGUF with synthetic weights and a byte-fallback vocabulary (>= 259 tokens):
+    scripts/synth_gguf.py's, at sizes small enough for unit tests."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from synth_gguf import write_model
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(name)
-    w.add_context_length(n_ctx)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == np.float16 else gguf.LlamaFileType.ALL_F32)
-    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    toks += [f"\u2581t{i}" for i in range(n_vocab - len(toks))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks)
-    w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    block = (np.random.default_rng(0).standard_normal(1 << 16) * 0.02).astype(dtype)
-
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return np.resize(block, rows * cols).reshape(rows, cols)
-
-    n_kv = n_embd // n_head * n_head_kv
-    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(p + "attn_q.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", mat(n_kv, n_embd))
-        w.add_tensor(p + "attn_v.weight", mat(n_kv, n_embd))
-        w.add_tensor(p + "attn_output.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(p + "ffn_gate.weight", mat(n_ff, n_embd))
-        w.add_tensor(p + "ffn_down.weight", mat(n_embd, n_ff))
-        w.add_tensor(p + "ffn_up.weight", mat(n_ff, n_embd))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("output.weight", mat(n_vocab, n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_model(path, n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                       n_vocab=n_vocab, n_ctx=n_ctx, dtype=dtype, name=name)
 
 
 def test_reads_shapes_and_bytes(tmp_path):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamalocal.errors import BadInputError
+from llamalocal.rpc import is_loopback
 from llamalocal.server.config import GRACEFUL_SHUTDOWN_S, ServeConfig
 
 
@@ -28,17 +29,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
                             "pick another --port (0 picks a free one) or --host") from None
     return sock
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | None = None) -> None:
