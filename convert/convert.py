@@ -574,7 +574,6 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
     tok_path = find_tokenizer(model_dir)
     warnings: list[str] = []
     notes: list[str] = []
-    n_workers = threads or os.cpu_count() or 1
     shared = _SharedProgress(progress)
     cancel = threading.Event()
     with ThreadPoolExecutor(2) as hashers, ExitStack() as stack:
@@ -582,6 +581,9 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
         stack.enter_context(_signals_as_exceptions())
         checks, hashed_bytes = (_start_verifying(model_dir, tok_path, hashers, shared, cancel, warnings, notes,
                                                  reverify) if verify else ([], 0))
+        # md5 is serial and the slowest part of a verified conversion: leave it a core of its own
+        cores = os.cpu_count() or 1
+        n_workers = threads or (max(1, cores - 1) if hashed_bytes else cores)
         try:
             vocab = load_vocab(tok_path)
             family = detect(p, vocab.kind, model_dir, tok_path)

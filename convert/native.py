@@ -135,7 +135,9 @@ def installed_version() -> str | None:
 def check_version() -> None:
     """Refuse a llama-cpp-python other than the pinned one: the struct layouts here would not match
     and a mismatch is a crash, not an error. $LLAMALOCAL_ALLOW_LLAMA_CPP_VERSION=1 overrides."""
-    have = installed_version()
+    imported = sys.modules.get("llama_cpp")
+    # once it is imported its own __version__ says it; importlib.metadata would cost ~15 ms of start-up
+    have = getattr(imported, "__version__", None) or installed_version()
     if have is None:
         raise LlamalocalError(f"llama-cpp-python is not installed; pip install llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}")
     if have != PINNED_LLAMA_CPP_PYTHON and os.environ.get(_ALLOW_OTHER_VERSION) != "1":
@@ -162,9 +164,9 @@ def library(stem: str) -> ctypes.CDLL:
 
 def llama() -> Any:
     """llama-cpp-python's own binding module (`llama_cpp`), imported on first use."""
-    check_version()
-    import llama_cpp
+    import llama_cpp  # importing loads the libraries but calls nothing that depends on their layout
 
+    check_version()
     return llama_cpp
 
 

@@ -17,15 +17,50 @@ may come from anywhere:
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from llamalocal.errors import GGUFError, ModelNotFoundError
+
+
+def gguf_constants() -> ModuleType:
+    """gguf-py's `gguf.constants` (keys, value types, ggml types and their sizes) without running
+    `gguf/__init__`, which also imports its writer, lazy tensors and metadata code: ~40 ms of every
+    start-up that a header never needs. The module is registered under its own name, so a later
+    `import gguf` finds it in sys.modules and uses this very module: there is one set of enums
+    (only the attribute `gguf.constants` is then unset; gguf-py's own modules import it by name)."""
+    loaded = sys.modules.get("gguf.constants")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("gguf")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("gguf (gguf-py) is not installed")
+    origin = Path(next(iter(spec.submodule_search_locations))) / "constants.py"
+    const_spec = importlib.util.spec_from_file_location("gguf.constants", origin)
+    if const_spec is None or const_spec.loader is None:
+        raise ImportError(f"cannot load {origin}")
+    module = importlib.util.module_from_spec(const_spec)
+    sys.modules["gguf.constants"] = module
+    try:
+        const_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["gguf.constants"]
+        raise
+    return module
+
+
+if TYPE_CHECKING:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
+else:
+    _c = gguf_constants()
+    GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType = (
+        _c.GGML_QUANT_SIZES, _c.GGMLQuantizationType, _c.GGUFValueType, _c.Keys, _c.LlamaFileType)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

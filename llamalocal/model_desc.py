@@ -84,9 +84,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
         GGUFError: not a GGUF, unreadable header, missing keys, or truncated (tensor data
             extends past the end of the file).
     """
-    import gguf
-
-    from llamalocal.gguf_header import read_header
+    from llamalocal.gguf_header import Keys, LlamaFileType, read_header
 
     h = read_header(path)
     p = h.path
@@ -95,7 +93,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
         raise GGUFError(f"{p} is truncated: its tensors need {end:,} bytes but the file has {h.file_bytes:,}; "
                         "convert or download it again")
 
-    arch = h.get(gguf.Keys.General.ARCHITECTURE, "")
+    arch = h.get(Keys.General.ARCHITECTURE, "")
     if not arch or not isinstance(arch, str):
         raise GGUFError(f"{p}: no general.architecture in the header; not a model GGUF")
 
@@ -107,21 +105,21 @@ def read_model_desc(path: str | Path) -> ModelDesc:
             raise GGUFError(f"{p}: {template.format(arch=arch)} is {v!r}, not a number; the file is corrupt")
         return int(v)
 
-    n_layers = key(gguf.Keys.LLM.BLOCK_COUNT)
-    n_embd = key(gguf.Keys.LLM.EMBEDDING_LENGTH)
-    n_head = key(gguf.Keys.Attention.HEAD_COUNT)
-    n_head_kv = key(gguf.Keys.Attention.HEAD_COUNT_KV, n_head)
-    n_ff = key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, 0)
-    n_ctx_train = key(gguf.Keys.LLM.CONTEXT_LENGTH)
+    n_layers = key(Keys.LLM.BLOCK_COUNT)
+    n_embd = key(Keys.LLM.EMBEDDING_LENGTH)
+    n_head = key(Keys.Attention.HEAD_COUNT)
+    n_head_kv = key(Keys.Attention.HEAD_COUNT_KV, n_head)
+    n_ff = key(Keys.LLM.FEED_FORWARD_LENGTH, 0)
+    n_ctx_train = key(Keys.LLM.CONTEXT_LENGTH)
     if n_head <= 0 or n_embd <= 0 or n_layers < 0 or n_embd % n_head:
         raise GGUFError(f"{p}: inconsistent shape (n_embd {n_embd}, n_head {n_head}, n_layer {n_layers})")
-    tokens = h.get(gguf.Keys.Tokenizer.LIST)
-    merges = h.get(gguf.Keys.Tokenizer.MERGES)
-    n_vocab = key(gguf.Keys.LLM.VOCAB_SIZE, 0) or (len(tokens) if tokens is not None else 0)
+    tokens = h.get(Keys.Tokenizer.LIST)
+    merges = h.get(Keys.Tokenizer.MERGES)
+    n_vocab = key(Keys.LLM.VOCAB_SIZE, 0) or (len(tokens) if tokens is not None else 0)
 
-    ftype_id = h.get(gguf.Keys.General.FILE_TYPE)
+    ftype_id = h.get(Keys.General.FILE_TYPE)
     try:
-        file_type = gguf.LlamaFileType(int(ftype_id)).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+        file_type = LlamaFileType(int(ftype_id)).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
     except (TypeError, ValueError):
         file_type = "unknown"
 
@@ -158,7 +156,7 @@ def read_model_desc(path: str | Path) -> ModelDesc:
     if tied:
         output_type = token_embd_type
 
-    name = h.get(gguf.Keys.General.NAME) or p.stem
+    name = h.get(Keys.General.NAME) or p.stem
     return ModelDesc(
         name=str(name), arch=arch, n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train, file_type=file_type, file_bytes=h.file_bytes,
@@ -186,7 +184,7 @@ _HEADER_BYTES_PER_TOKEN = {"spm": 23.0, "tiktoken": 61.0}
 
 
 def _tensor_bytes(ggml_type, shape: tuple[int, ...]) -> int:
-    from gguf import GGML_QUANT_SIZES
+    from llamalocal.gguf_header import GGML_QUANT_SIZES
 
     block, nbytes = GGML_QUANT_SIZES[ggml_type]
     n = 1

@@ -27,13 +27,13 @@ class CacheType:
 
     @property
     def ggml_type(self) -> Any:
-        from gguf import GGMLQuantizationType  # imported when used: `--help` stays instant
+        from llamalocal.gguf_header import GGMLQuantizationType  # imported when used: `--help` stays instant
 
         return GGMLQuantizationType[self.name.upper()]
 
     @property
     def bytes_per_element(self) -> float:
-        from gguf import GGML_QUANT_SIZES
+        from llamalocal.gguf_header import GGML_QUANT_SIZES
 
         block, nbytes = GGML_QUANT_SIZES[self.ggml_type]
         return nbytes / block

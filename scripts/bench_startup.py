@@ -1,8 +1,9 @@
 """Start-up time of llamalocal's header-only commands and of `generate`, against llama-cpp-python.
 
-For a LLaMA-7B-shaped GGUF with a 32000-token vocabulary and one with Llama 3's 128256 tokens and
-280147 merges (scripts/synth_gguf.py; a few layers: start-up is what is measured), in the same
-run and alternating, several rounds:
+For a LLaMA-7B-shaped GGUF with a 32000-token vocabulary and a Llama-3-8B-shaped one with its
+128256 tokens and 280147 merges (scripts/synth_gguf.py, q4_0; `--layers`: 32, the real models'
+depth, by default; `--layers 2` shows the fixed overhead at its largest), in the same run and
+alternating, several rounds:
 
 - `plan MODEL` and `info MODEL` against a bare `python -c "import llama_cpp"` (goal: <= 3x);
 - `generate MODEL -p ... -n 4 --temp 0` against llama-cpp-python used directly with the same
@@ -10,7 +11,11 @@ run and alternating, several rounds:
   direct speed, 128k <= 1.1x its time);
 - `list` over a folder of 50 GGUFs (goal: well under a second).
 
-    python scripts/bench_startup.py --rounds 5
+Each comparison also prints ours minus the peer in milliseconds. Python modules are byte-compiled
+first, as `pip install` does (this sandbox sets PYTHONDONTWRITEBYTECODE, which would otherwise
+make every run compile llamalocal's sources again).
+
+    python scripts/bench_startup.py --rounds 5 [--layers 2]
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-SHAPES = {
-    "32k": dict(n_layers=2, n_embd=4096, n_ff=11008, n_head=32, n_vocab=32000),
-    "128k": dict(n_layers=2, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8, vocab="llama-bpe", n_ctx=131072),
+SHAPES = {  # LLaMA-7B and Llama-3.1-8B
+    "32k": dict(n_embd=4096, n_ff=11008, n_head=32, n_vocab=32000),
+    "128k": dict(n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, vocab="llama-bpe", n_ctx=131072),
 }
 CTX, THREADS, PROMPT = 512, 2, "Once upon a time"
 
@@ -57,25 +62,32 @@ def ll(*args: str) -> list[str]:
 
 def summary(name: str, ours: list[float], peer: list[float], goal: str) -> None:
     ratios = [o / p for o, p in zip(ours, peer, strict=True)]
+    extra_ms = [1000 * (o - p) for o, p in zip(ours, peer, strict=True)]
     print(f"{name:<34} ours min {min(ours):6.3f} s med {statistics.median(ours):6.3f} s | peer min {min(peer):6.3f} s "
           f"med {statistics.median(peer):6.3f} s | time ratio min {min(ratios):.2f}x med "
-          f"{statistics.median(ratios):.2f}x  ({goal})", flush=True)
+          f"{statistics.median(ratios):.2f}x max {max(ratios):.2f}x | extra med {statistics.median(extra_ms):+.0f} ms "
+          f"({goal})", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamalocal-bench-startup"))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=32, help="model depth (default 32, as LLaMA-7B and Llama-3-8B)")
     a = ap.parse_args()
     from synth_gguf import make
 
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "llamalocal"), str(REPO / "convert")],
+                   check=True, stdout=subprocess.DEVNULL)
     a.work.mkdir(parents=True, exist_ok=True)
     models = {}
     for label, shape in SHAPES.items():
-        path = a.work / f"startup-{label}.gguf"
+        path = a.work / f"startup-{label}-{a.layers}L.gguf"
         if not path.exists():
-            make(path, "q4_0", **shape)
+            print(f"writing {path.name} ...", flush=True)
+            make(path, "q4_0", n_layers=a.layers, **shape)
         models[label] = path
+        print(f"{label}: {path.name}, {a.layers} layers, {path.stat().st_size / 2**30:.2f} GiB", flush=True)
     folder = a.work / "fifty"
     if not folder.is_dir():
         folder.mkdir()

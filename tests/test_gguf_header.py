@@ -103,3 +103,20 @@ def test_not_a_gguf(tmp_path):
     with pytest.raises(GGUFError, match="not a GGUF"):
         read_header(_write(tmp_path / "x.gguf", b"PK\x03\x04" + b"\0" * 100))
     sys.stdout.flush()
+
+
+def test_header_reading_leaves_gguf_package_unimported(converted):
+    """`plan`, `info` and `generate` read headers with gguf-py's constants alone (its package imports
+    a writer, lazy tensors and yaml); a later `import gguf` shares those very enums."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from llamalocal.model_desc import read_model_desc; "
+            f"d = read_model_desc({str(converted('tiny-v1', 'q8_0'))!r}); assert d.n_layers > 0; "
+            "assert 'gguf' not in sys.modules, 'gguf imported'; "
+            "from llamalocal import gguf_header; import gguf; "
+            "assert gguf.GGMLQuantizationType is gguf_header.GGMLQuantizationType; "
+            "assert gguf.Keys is gguf_header.Keys and gguf.GGML_QUANT_SIZES is gguf_header.GGML_QUANT_SIZES; "
+            "from gguf import GGUFReader, GGUFWriter")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

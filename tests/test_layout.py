@@ -52,11 +52,15 @@ def test_ctypes_only_in_the_native_module():
 
 
 def test_native_refuses_another_llama_cpp_python(monkeypatch):
+    import sys
+    import types
+
     import pytest
 
     from llamalocal.convert import native
     from llamalocal.errors import LlamalocalError
 
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)  # not imported yet: its metadata says
     monkeypatch.setattr(native, "installed_version", lambda: "0.3.99")
     monkeypatch.delenv("LLAMALOCAL_ALLOW_LLAMA_CPP_VERSION", raising=False)
     with pytest.raises(LlamalocalError, match=r"0\.3\.99 is installed but llamalocal is built against 0\.3\.36"):
@@ -66,6 +70,10 @@ def test_native_refuses_another_llama_cpp_python(monkeypatch):
     monkeypatch.setattr(native, "installed_version", lambda: native.PINNED_LLAMA_CPP_PYTHON)
     monkeypatch.delenv("LLAMALOCAL_ALLOW_LLAMA_CPP_VERSION")
     native.check_version()
+    # imported: the module's own __version__ is what is loaded
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__="0.3.98"))
+    with pytest.raises(LlamalocalError, match=r"0\.3\.98 is installed"):
+        native.check_version()
 
 
 def test_every_package_is_installed():

@@ -9,6 +9,7 @@ an exit code here, and nowhere else; `printable` is how any text that may carry 
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -40,9 +41,29 @@ def printable(text: str) -> str:
     return text
 
 
+# command -> the module that defines it; a module is imported only when one of its commands runs
+# (or `--help` lists them), so `generate` does not pay for the server, RPC or converter imports
+COMMAND_MODULES = {
+    "convert": "convert_cmd", "imatrix": "imatrix_cmd", "chat": "run_cmd", "generate": "run_cmd",
+    "plan": "plan_cmd", "requirements": "plan_cmd", "doctor": "plan_cmd", "serve": "serve_cmd",
+    "perplexity": "measure_cmd", "compare": "measure_cmd", "bench": "measure_cmd", "info": "measure_cmd",
+    "list": "measure_cmd", "worker": "worker_cmd",
+}
+
+
 class _Group(click.Group):
-    """Root group: maps LlamalocalError to a one-line message and its exit code, Ctrl-C to 130,
-    SIGTERM/SIGHUP during a conversion to 128 + the signal."""
+    """Root group: loads each command's module on first use; maps LlamalocalError to a one-line
+    message and its exit code, Ctrl-C to 130, SIGTERM/SIGHUP during a conversion to 128 + the signal."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module_name = COMMAND_MODULES.get(cmd_name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"llamalocal.cli.{module_name}")
+        return next(c for c in module.COMMANDS if c.name == cmd_name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -76,14 +97,3 @@ def main() -> None:
     Models are looked up under --models-dir (default: $LLAMALOCAL_MODELS, else the
     current directory).
     """
-
-
-def _register() -> None:
-    from llamalocal.cli import convert_cmd, imatrix_cmd, measure_cmd, plan_cmd, run_cmd, serve_cmd, worker_cmd
-
-    for module in (convert_cmd, imatrix_cmd, run_cmd, plan_cmd, serve_cmd, measure_cmd, worker_cmd):
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register()
