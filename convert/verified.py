@@ -8,7 +8,9 @@ checklist still lists the same md5; touching, rewriting, replacing or moving the
 hashed again. `--verify` ignores the record.
 
 The record is a small JSON file: $LLAMALOCAL_CACHE/verified.json (default
-$XDG_CACHE_HOME/llamalocal, else ~/.cache/llamalocal), written atomically.
+$XDG_CACHE_HOME/llamalocal, else ~/.cache/llamalocal), written atomically. Its read-modify-write
+is serialised, between the two hashing threads of one conversion and between conversions running
+side by side (a lock file), so no run's entries are lost to another's.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import datetime
 import json
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CACHE_ENV = "LLAMALOCAL_CACHE"
 RECORD = "verified.json"
 _VERSION = 1
+_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -82,17 +87,38 @@ def remember(files: dict[Path, str], record: Path | None = None) -> None:
     """Record that each of `files` (path -> md5) matched its checklist just now. Best effort: a
     cache that cannot be written only means hashing again next time."""
     record = record or cache_dir() / RECORD
-    with contextlib.suppress(OSError):
-        entries = _load(record)
-        when = datetime.date.today().isoformat()
-        for path, md5 in files.items():
-            entries[_key(path)] = {"md5": md5.lower(), "stamp": asdict(Stamp.of(path)), "when": when}
+    with contextlib.suppress(OSError), _LOCK:
         record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".verified.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": _VERSION, "files": entries}, f)
-            os.replace(tmp, record)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with _locked(record.with_name(record.name + ".lock")):
+            _update(record, files)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path` where the platform has one (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the in-process lock is all there is
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _update(record: Path, files: dict[Path, str]) -> None:
+    entries = _load(record)
+    when = datetime.date.today().isoformat()
+    for path, md5 in files.items():
+        entries[_key(path)] = {"md5": md5.lower(), "stamp": asdict(Stamp.of(path)), "when": when}
+    fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".verified.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": _VERSION, "files": entries}, f)
+        os.replace(tmp, record)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -110,3 +110,51 @@ def test_a_damaged_record_is_ignored(model, tmp_path, hashed):
     hashed.clear()
     convert(model, "q8_0", tmp_path / "b.gguf")
     assert len(hashed) == 3
+
+
+def test_quantizing_workers_yield_to_md5_on_linux():
+    """While md5 runs, the quantizing threads are niced (+10), and only they: the thread that
+    starts them keeps its priority."""
+    import os
+    import sys
+    import threading
+
+    import pytest
+
+    from llamalocal.convert.convert import _lower_thread_priority
+
+    if sys.platform != "linux":
+        pytest.skip("per-thread niceness is Linux's")
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        _lower_thread_priority()
+        seen["delta"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - before
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["delta"] == min(10, 19 - main_before)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+def test_concurrent_records_lose_nothing(tmp_path):
+    """Two checklists are hashed on two threads, and conversions may run side by side: every
+    remember() lands in the record."""
+    import threading
+
+    record = tmp_path / "cache" / verified.RECORD
+    files = []
+    for i in range(16):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x" * i)
+        files.append(f)
+    threads = [threading.Thread(target=verified.remember, args=({f: f"{i:032x}"}, record))
+               for i, f in enumerate(files)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(verified.verified_on(f, f"{i:032x}", record) for i, f in enumerate(files))
