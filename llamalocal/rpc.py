@@ -442,17 +442,21 @@ def _free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port now, so a taken port fails before anything else starts; the
+    caller listens on it (the worker's relay here, uvicorn for `serve`).
+
+    Made with IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto
+    says TCP (and the server's compat.ConnectionGuard sets it again on each connection, to be sure)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port "
-                            "(0 picks a free one) or --host") from None
-    sock.listen(16)
+        raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                            "pick another --port (0 picks a free one) or --host") from None
     return sock
 
 
@@ -530,7 +534,9 @@ def run_worker(cfg: WorkerConfig, *, out: Callable[[str], None], log: Callable[[
             raise BadInputError(f"--cache {cfg.cache}: {e.strerror or e}") from None
         cache = str(cfg.cache.resolve())
 
-    listener = None if cfg.direct else _bind(cfg.host, cfg.port)
+    listener = None if cfg.direct else bind_socket(cfg.host, cfg.port)
+    if listener is not None:
+        listener.listen(16)
     if cfg.direct:  # ggml binds IPv4 addresses only; loopback is all --direct allows anyway
         ggml_port = cfg.port or _free_loopback_port()
         endpoint = f"127.0.0.1:{ggml_port}"

@@ -65,7 +65,8 @@ def summary(name: str, ours: list[float], peer: list[float], goal: str) -> None:
     extra_ms = [1000 * (o - p) for o, p in zip(ours, peer, strict=True)]
     print(f"{name:<34} ours min {min(ours):6.3f} s med {statistics.median(ours):6.3f} s | peer min {min(peer):6.3f} s "
           f"med {statistics.median(peer):6.3f} s | time ratio min {min(ratios):.2f}x med "
-          f"{statistics.median(ratios):.2f}x max {max(ratios):.2f}x | extra med {statistics.median(extra_ms):+.0f} ms "
+          f"{statistics.median(ratios):.2f}x max {max(ratios):.2f}x best/best {min(ours) / min(peer):.2f}x | "
+          f"extra med {statistics.median(extra_ms):+.0f} ms "
           f"({goal})", flush=True)
 
 

@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llamalocal.errors import BadInputError
-from llamalocal.rpc import is_loopback
+from llamalocal.rpc import bind_socket, is_loopback
 from llamalocal.server.config import GRACEFUL_SHUTDOWN_S, ServeConfig
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket, bound now so a taken port fails before anything else starts.
-
-    Made with IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto
-    says TCP (and compat.ConnectionGuard sets it again on each connection, to be sure)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
-                            "pick another --port (0 picks a free one) or --host") from None
-    return sock
 
 
 def serve(model_path: Path, cfg: ServeConfig, *, log: Callable[[str], None] | None = None) -> None:
