@@ -342,24 +342,51 @@ class _Slot:
 
 
 def _lower_thread_priority() -> None:
-    """Run this thread at nice +10 (Linux sets niceness per thread; elsewhere nothing is done).
-    While md5 runs, quantizing workers yield to it: md5 is serial and sets the floor of a verified
-    conversion, the workers are not, and they take every core back once it is done. On 2 cores this
-    is 10.97-11.49 s for the 7B-shaped bench against 12.8-13.1 s with equal priorities (md5sum:
-    10.6-11.0 s); a worker held to cores - 1 instead measured 11.4-13.0 s."""
+    """Run this thread at nice +10 (Linux sets niceness per thread; elsewhere nothing is done)."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
+class _Hashing:
+    """Whether md5 is still running. While it is, blocks go to quantizing threads at nice +10, so
+    the serial hash — the floor of a verified conversion — is never the one kept waiting; blocks
+    read after it finished go to threads at normal priority (a thread's niceness cannot be lowered
+    again), so against other busy processes the conversion runs at its fair share. On 2 cores,
+    7B-shaped bench, md5sum 10.6-10.9 s: 11.5-11.6 s this way, 12.9-13.5 s with one priority,
+    11.4-12.9 s holding one worker back while md5 runs; niced threads kept to the end took 4.2x
+    md5sum's time with two busy processes beside them."""
+
+    def __init__(self, checks: list[Future]) -> None:
+        self._running = threading.Event()
+        pending = [c for c in checks if not c.done()]
+        if not pending:
+            return
+        self._running.set()
+        left, lock = [len(pending)], threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._running.clear()
+
+        for c in pending:
+            c.add_done_callback(one_done)
+
+    @property
+    def running(self) -> bool:
+        return self._running.is_set()
+
+
 def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: list, n_workers: int,
                     progress: Progress, check: Callable[[], None] = lambda: None,
-                    yield_to_hashing: bool = False) -> None:
+                    hashing: _Hashing | None = None) -> None:
     """This thread reads blocks of rows (shard slices) ahead into a ring of slots; workers widen
     and quantize them; one writer thread appends the results in order and hands the slots back.
     Reading, quantizing and writing all overlap, and at most `len(slots)` blocks exist at once.
     `check()` runs before each block and may raise to stop the conversion (a failed md5);
-    `yield_to_hashing`: the workers run at a lower priority than the md5 threads."""
+    `hashing`: while md5 runs, blocks go to workers that yield to it (see _Hashing)."""
     slots: Queue[_Slot] = Queue()
     for _ in range(2 * n_workers + 2):
         slots.put(_Slot())
@@ -392,8 +419,9 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
         except ValueError as e:
             raise CheckpointError(f"{t.meta_name}: {e}; the checkpoint is damaged, download it again") from None
 
-    with (ThreadPoolExecutor(n_workers, initializer=_lower_thread_priority if yield_to_hashing else None) as pool,
-          ThreadPoolExecutor(1) as writer_pool):
+    # threads are started on first use: the yielding pool only has some while md5 runs
+    with (ThreadPoolExecutor(n_workers) as pool, ThreadPoolExecutor(n_workers, initializer=_lower_thread_priority)
+          as yielding, ThreadPoolExecutor(1) as writer_pool):
         writer = writer_pool.submit(write_in_order)
 
         def free_slot() -> _Slot:
@@ -418,12 +446,14 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
                     check()
                     slot = free_slot()
                     parts = slot.read(t, shards, slices)
-                    pending.put((t.gguf_name, pool.submit(work, t, parts, slot, first_row, slices[0].shard), slot))
+                    workers = yielding if hashing is not None and hashing.running else pool
+                    pending.put((t.gguf_name, workers.submit(work, t, parts, slot, first_row, slices[0].shard), slot))
             pending.put(None)
             writer.result()
         except BaseException:
             stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            for workers in (pool, yielding):
+                workers.shutdown(wait=True, cancel_futures=True)
             raise
 
 
@@ -639,7 +669,7 @@ def convert(model_dir: Path, preset: str | presets.Preset = "f16", outfile: Path
                 w.open()
                 shared.stage(f"{'md5 + ' if checks else ''}writing {out.name}", total + hashed_bytes)
                 _stream_tensors(w, plans, shards, n_workers, shared, check=lambda: _raise_failed(checks),
-                                yield_to_hashing=hashed_bytes > 0)
+                                hashing=_Hashing(checks))
                 for c in checks:
                     c.result()  # every md5 matched: only now does the file get its name
                 w.finish()

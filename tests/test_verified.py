@@ -112,17 +112,24 @@ def test_a_damaged_record_is_ignored(model, tmp_path, hashed):
     assert len(hashed) == 3
 
 
-def test_quantizing_workers_yield_to_md5_on_linux():
-    """While md5 runs, the quantizing threads are niced (+10), and only they: the thread that
-    starts them keeps its priority."""
+def test_quantizing_yields_to_md5_only_while_it_runs():
+    """Blocks read while md5 runs go to threads niced +10 (Linux); after it, to threads at the
+    caller's priority (niceness cannot be lowered again, so these are other threads)."""
     import os
     import sys
     import threading
+    from concurrent.futures import Future
 
     import pytest
 
-    from llamalocal.convert.convert import _lower_thread_priority
+    from llamalocal.convert.convert import _Hashing, _lower_thread_priority
 
+    md5: Future = Future()
+    hashing = _Hashing([md5])
+    assert hashing.running
+    md5.set_result([])
+    assert not hashing.running
+    assert not _Hashing([]).running  # nothing to hash: --no-verify, or all verified before
     if sys.platform != "linux":
         pytest.skip("per-thread niceness is Linux's")
     seen: dict[str, int] = {}
