@@ -93,6 +93,7 @@ class Results:
     normal_done: list[tuple[float, float]] = field(default_factory=list)  # (finished at, latency)
     slow_408: int = 0
     slow_other: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first few unexpected answers, as they came
 
     def add(self, kind: str, outcome: str, status: int | None = None, failure: str | None = None) -> None:
         with self.lock:
@@ -194,6 +195,7 @@ def client_worker(idx: int, target: Target, max_tokens: int, deadline: float, re
 def slow_uploader(target: Target, deadline: float, res: Results) -> None:
     """Send a body one byte every 0.5 s, never finishing; count how the server ends it."""
     body = json.dumps({"prompt": "The king " * 50, "max_tokens": 2}).encode()
+    started = time.monotonic()
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((target.host, target.port), timeout=120) as s:
@@ -219,6 +221,9 @@ def slow_uploader(target: Target, deadline: float, res: Results) -> None:
                         res.slow_408 += 1
                     else:
                         res.slow_other[status] += 1
+                        if len(res.examples) < 5:
+                            res.examples.append(f"slow upload at {time.monotonic() - started:.1f} s: "
+                                                f"{reply[:400].decode(errors='replace')}")
                     res.statuses[status] += 1
         except OSError as e:
             with res.lock:
@@ -381,6 +386,7 @@ def main() -> int:
         "longest_gap_between_normal_s": round(max(gaps), 2) if gaps else None,
         "normal_p50_s": round(percentile(latencies, 0.5), 3), "normal_p95_s": round(percentile(latencies, 0.95), 3),
         "slow_uploads_cut_with_408": res.slow_408, "slow_uploads_other": dict(res.slow_other),
+        "unexpected_answers": res.examples,
         "rss_after_warmup_mib": mib(rss_warm), "rss_peak_mib": mib(max(rss_values)) if rss_values else None,
         "rss_end_mib": mib(rss_end),
         "rss_first_tenth_median_mib": mib(statistics.median(rss_values[:tenth])) if rss_values else None,
