@@ -352,10 +352,10 @@ class _Hashing:
     """Whether md5 is still running. While it is, blocks go to quantizing threads at nice +10, so
     the serial hash — the floor of a verified conversion — is never the one kept waiting; blocks
     read after it finished go to threads at normal priority (a thread's niceness cannot be lowered
-    again), so against other busy processes the conversion runs at its fair share. On 2 cores,
-    7B-shaped bench, md5sum 10.6-10.9 s: 11.5-11.6 s this way, 12.9-13.5 s with one priority,
-    11.4-12.9 s holding one worker back while md5 runs; niced threads kept to the end took 4.2x
-    md5sum's time with two busy processes beside them."""
+    again), so against other busy processes the conversion runs at its fair share. 7B-shaped bench
+    checkpoint on 2 cores, md5sum 10.6-11.0 s: 12.0-12.6 s this way, 12.9-13.5 s with one priority
+    for all; with two busy processes beside it 29-34 s (md5sum 17.7 s), where threads niced to the
+    end took 66-70 s."""
 
     def __init__(self, checks: list[Future]) -> None:
         self._running = threading.Event()
