@@ -9,7 +9,6 @@ an importance matrix are exactly those marked `needs_imatrix`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed 
 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+from tiny_llama_gguf import Model, shapes_of, write_f32_gguf  # noqa: E402
 
 from llamalocal.convert import native  # noqa: E402
 from llamalocal.convert.presets import (  # noqa: E402
@@ -37,21 +37,6 @@ from llamalocal.errors import BadInputError, LlamalocalError  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Model:
-    """Hyper-parameters of a test model. `rows` overrides every 2-D tensor's row count to keep
-    the models small (llama-quantize reads shapes, it does not check them, and its choices look
-    at the row length, never at the number of rows; the IQ quantizers are slow)."""
-
-    n_layers: int
-    dim: int
-    ffn: int
-    n_head: int
-    n_head_kv: int
-    vocab: int = 64
-    rows: int | None = None
-
-
 MODELS = {
     # use_more_bits picks layers 0, 3, 6, 7 of 8 and 0, 1, 4, 7, 10, 13, 14, 15 of 16
     "mha-8": Model(n_layers=8, dim=256, ffn=512, n_head=4, n_head_kv=4, rows=24),
@@ -67,70 +52,10 @@ MODELS = {
 }
 
 
-def _shapes(m: Model) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> numpy shape (rows, cols), in Meta's layout."""
-    head_dim = m.dim // m.n_head
-    kv = m.n_head_kv * head_dim
-
-    def r(n: int) -> int:
-        return m.rows or n
-
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (r(m.vocab), m.dim),   # tok_embeddings
-        "output_norm.weight": (m.dim,),              # norm
-        "output.weight": (r(m.vocab), m.dim),        # output
-    }
-    for i in range(m.n_layers):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (m.dim,),        # attention_norm
-            f"blk.{i}.attn_q.weight": (r(m.dim), m.dim),  # wq
-            f"blk.{i}.attn_k.weight": (r(kv), m.dim),     # wk
-            f"blk.{i}.attn_v.weight": (r(kv), m.dim),     # wv
-            f"blk.{i}.attn_output.weight": (r(m.dim), m.dim),  # wo
-            f"blk.{i}.ffn_norm.weight": (m.dim,),         # ffn_norm
-            f"blk.{i}.ffn_gate.weight": (r(m.ffn), m.dim),  # w1
-            f"blk.{i}.ffn_down.weight": (r(m.dim), m.ffn),  # w2
-            f"blk.{i}.ffn_up.weight": (r(m.ffn), m.dim),    # w3
-        }
-    return shapes
-
-
-def _write_f32_gguf(path: Path, m: Model, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    tensors = {
-        name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
-               else 0.05 * rng.standard_normal(shape)).astype(np.float32)
-        for name, shape in _shapes(m).items()
-    }
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(256)
-    w.add_embedding_length(m.dim)
-    w.add_block_count(m.n_layers)
-    w.add_feed_forward_length(m.ffn)
-    w.add_head_count(m.n_head)
-    w.add_head_count_kv(m.n_head_kv)
-    w.add_rope_dimension_count(m.dim // m.n_head)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    # a minimal sentencepiece-style vocab: unk, bos, eos, then plain pieces
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(m.vocab - 3)])
-    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(m.vocab - 3)])
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * (m.vocab - 3))
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def f32_models(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
     d = tmp_path_factory.mktemp("f32")
-    return {key: (d / f"{key}.gguf", _write_f32_gguf(d / f"{key}.gguf", m, seed=i))
+    return {key: (d / f"{key}.gguf", write_f32_gguf(d / f"{key}.gguf", m, seed=i))
             for i, (key, m) in enumerate(MODELS.items())}
 
 
@@ -214,7 +139,7 @@ def test_same_types_and_bytes_as_llama_quantize_with_an_imatrix(f32_models, tmp_
 def test_needs_imatrix_is_what_requires_imatrix_says():
     """A preset is refused without an imatrix iff one of a LLaMA-7B's tensors needs one."""
     for p in PRESETS.values():
-        needing = [n for n, shape in _shapes(Model(n_layers=32, dim=4096, ffn=11008, n_head=32, n_head_kv=32,
+        needing = [n for n, shape in shapes_of(Model(n_layers=32, dim=4096, ffn=11008, n_head=32, n_head_kv=32,
                                                     vocab=32000)).items()
                    if requires_imatrix(p, n, tensor_type(p, n, shape, n_layers=32, n_head=32, n_head_kv=32))]
         assert bool(needing) == p.needs_imatrix, p.name

@@ -16,6 +16,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is needed to run llama.cpp's quantizer")
 
 import gguf  # noqa: E402
+from tiny_llama_gguf import Model, write_f32_gguf  # noqa: E402
 
 from llamalocal.convert.presets import PRESETS, Preset, tensor_type  # noqa: E402
 from llamalocal.convert.quantize import quantize_rows  # noqa: E402
@@ -24,41 +25,8 @@ N_LAYERS, N_HEAD, N_HEAD_KV = 2, 4, 2
 
 
 def _write(path: Path, dim: int, vocab: int, tied: bool, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    kv, ffn = dim // N_HEAD * N_HEAD_KV, 2 * dim
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,)}
-    if not tied:
-        shapes["output.weight"] = (vocab, dim)
-    for i in range(N_LAYERS):
-        shapes |= {f"blk.{i}.attn_norm.weight": (dim,), f"blk.{i}.attn_q.weight": (dim, dim),
-                   f"blk.{i}.attn_k.weight": (kv, dim), f"blk.{i}.attn_v.weight": (kv, dim),
-                   f"blk.{i}.attn_output.weight": (dim, dim), f"blk.{i}.ffn_norm.weight": (dim,),
-                   f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_down.weight": (dim, ffn),
-                   f"blk.{i}.ffn_up.weight": (ffn, dim)}
-    tensors = {n: (1.0 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s))
-               .astype(np.float32) for n, s in shapes.items()}
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(256)
-    w.add_embedding_length(dim)
-    w.add_block_count(N_LAYERS)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
-    w.add_rope_dimension_count(dim // N_HEAD)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(vocab - 3)])
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * (vocab - 3))
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tensors
+    return write_f32_gguf(path, Model(n_layers=N_LAYERS, dim=dim, ffn=2 * dim, n_head=N_HEAD, n_head_kv=N_HEAD_KV,
+                                      vocab=vocab, tied=tied), seed)
 
 
 def _quantize(src: Path, dst: Path, preset: Preset, imatrix: dict[str, np.ndarray] | None) -> gguf.GGUFReader:
