@@ -333,18 +333,36 @@ def main() -> int:
                 if value is not None:
                     samples.append((time.monotonic(), value))
 
+        peaks = {"connections": 0, "admitted": 0}
+        refused = [0]  # connections the server refused over the per-client cap, as /health last said
+
+        def watch_health() -> None:  # the server's own counts: how close the run came to its caps
+            while not stop.wait(0.25):
+                try:
+                    status, reply = target.raw("GET", "/health", None, None, timeout=10)
+                    health = json.loads(reply) if status == 200 else {}
+                except (OSError, ValueError):
+                    continue
+                for key in peaks:
+                    if isinstance(health.get(key), int):
+                        peaks[key] = max(peaks[key], health[key])
+                if isinstance(health.get("connections_refused"), int):
+                    refused[0] = health["connections_refused"]
+
         sampler = threading.Thread(target=sample, daemon=True)
         if proc:
             sampler.start()
+        threading.Thread(target=watch_health, daemon=True).start()
         start = time.monotonic()
         deadline = start + args.duration
         threads = [threading.Thread(target=client_worker, args=(i, target, args.max_tokens, deadline, res))
                    for i in range(args.clients)]
-        threads += [threading.Thread(target=slow_uploader, args=(target, deadline, res), daemon=True)
-                    for _ in range(args.slow)]
+        threads += [threading.Thread(target=slow_uploader, args=(target, deadline, res)) for _ in range(args.slow)]
         for t in threads:
             t.start()
-        for t in threads[: args.clients]:
+        # the slow uploaders too: one still sending when the server is stopped below would get its
+        # (correct) "shutting down" 503 and count it as the run's
+        for t in threads:
             t.join()
         wall = time.monotonic() - start
         stop.set()
@@ -387,6 +405,9 @@ def main() -> int:
         "normal_p50_s": round(percentile(latencies, 0.5), 3), "normal_p95_s": round(percentile(latencies, 0.95), 3),
         "slow_uploads_cut_with_408": res.slow_408, "slow_uploads_other": dict(res.slow_other),
         "unexpected_answers": res.examples,
+        "peak_connections_open": peaks["connections"], "connections_per_client_cap": args.connections_per_client,
+        "connections_refused_by_cap": refused[0],
+        "peak_admitted": peaks["admitted"], "parallel": args.parallel or args.clients,
         "rss_after_warmup_mib": mib(rss_warm), "rss_peak_mib": mib(max(rss_values)) if rss_values else None,
         "rss_end_mib": mib(rss_end),
         "rss_first_tenth_median_mib": mib(statistics.median(rss_values[:tenth])) if rss_values else None,

@@ -482,6 +482,7 @@ def test_idle_connections_are_closed(server):
 
 def test_connections_per_client_are_capped(server):
     wait_for_quiet(server)
+    refused_before = request(server.port, "GET", "/health")[1]["connections_refused"]
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(PER_CLIENT)]
     try:
         time.sleep(0.2)  # let the server accept them all
@@ -499,6 +500,7 @@ def test_connections_per_client_are_capped(server):
         for s in held:
             s.close()
     time.sleep(0.2)
+    assert request(server.port, "GET", "/health")[1]["connections_refused"] == refused_before + 1
     assert_serving(server)
 
 

@@ -3,7 +3,8 @@
     GET  /v1/models, /v1/models/{id}         the served model (its name, never its path)
     POST /v1/completions, /v1/chat/completions  streamed (SSE) or not
     POST /extras/tokenize, /extras/tokenize/count, /extras/detokenize
-    GET  /health                              status; requests admitted, connections open, tokens generated
+    GET  /health                              status; requests admitted, connections open and refused
+                                              (over --connections-per-client), tokens generated
 
 Anything else is a JSON 404 (405 for a wrong method), /v1/embeddings included. Every request
 needs the key when one is set. Every POST route goes through the same
@@ -299,9 +300,11 @@ class App:
 
     async def _health(self, send: Send) -> None:
         connections = sum(self.guard.open.values()) if self.guard is not None else None
+        refused = self.guard.refused if self.guard is not None else None
         lost = self.engine.lost
         status = "stopping" if self.stopping else "rpc_worker_lost" if lost is not None else "ok"
         await _send_json(send, 200, {"status": status, "admitted": self.in_flight, "connections": connections,
+                                     "connections_refused": refused,
                                      "tokens_generated": self.engine.generated,
                                      **({"error": _model_lost(lost).message} if lost is not None else {})})
 
