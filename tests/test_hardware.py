@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from llamalocal import hardware
@@ -24,6 +27,35 @@ def test_detect_this_machine():
     assert hw.cpu_features and all(f == f.strip() and "=" not in f for f in hw.cpu_features)
     for d in hw.accelerators:
         assert d.kind in ("gpu", "unified") and d.total_bytes > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the /proc and /sys readers are Linux's")
+def test_linux_readers_agree_with_psutil():
+    import psutil
+
+    total, available = hardware._linux_memory()
+    vm = psutil.virtual_memory()
+    assert total == vm.total
+    assert abs(available - vm.available) <= 256 * MiB  # read a moment apart: the system moves
+    assert hardware._linux_physical_cores() == psutil.cpu_count(logical=False)
+    hw = hardware.detect()
+    assert hw.logical_cores == psutil.cpu_count(logical=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the /proc and /sys readers are Linux's")
+def test_detect_does_not_import_psutil_on_linux():
+    code = "import sys; from llamalocal import hardware; hardware.detect(); print('psutil' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_detect_falls_back_to_psutil(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(hardware, "_linux_memory", lambda: None)
+    hw = hardware.detect()
+    assert hw.ram_total == psutil.virtual_memory().total
+    assert hw.physical_cores == (psutil.cpu_count(logical=False) or hw.logical_cores)
 
 
 def test_ggml_devices_agree_with_llama_cpp():
