@@ -1,3 +1,3 @@
-from llamalocal.cli import main
+from llamalocal.cli import entry
 
-main()
+entry()

@@ -134,3 +134,44 @@ def test_bad_gpu_layers_value(q8):
 def test_chat_with_a_missing_model(tmp_path):
     msg = _one_line_error(run("chat", str(tmp_path / "nope.gguf")))
     assert "nope.gguf" in msg
+
+
+# a process that runs the `llamalocal` program and, at Python's teardown, prints a marker
+_WITH_TEARDOWN_MARKER = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', file=sys.stderr)); "
+                         "sys.argv = ['llamalocal', *sys.argv[1:]]; from llamalocal.cli import entry; entry()")
+
+
+def _program(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _WITH_TEARDOWN_MARKER, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_finished_generate_skips_the_teardown_and_keeps_its_output(q8):
+    # the model is not freed at exit (work for nobody), but everything written is there
+    r = _program("generate", str(q8), "--threads", "1", "--ctx", "256", "-p", PROMPT, "-n", "16", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    inproc = generate(q8, "-p", PROMPT, "-n", "16", "--temp", "0")
+    assert r.stdout == inproc.stdout and r.stdout.strip()
+    assert "tokens/s" in r.stderr  # the last line, after the completion
+    assert "TEARDOWN" not in r.stderr
+
+
+def test_failures_and_other_commands_exit_normally(q8, tmp_path):
+    r = _program("generate", str(q8), "--ctx", "99999999", "-p", "x")
+    assert r.returncode == 2 and "TEARDOWN" in r.stderr and "Error:" in r.stderr
+    r = _program("--help")
+    assert r.returncode == 0 and "TEARDOWN" in r.stderr
+    r = _program("generate", str(tmp_path / "missing.gguf"), "-p", "x")
+    assert r.returncode != 0 and "TEARDOWN" in r.stderr
+
+
+def test_models_are_not_held_under_clirunner(q8):
+    # the program holds its model to a fast exit; in-process callers (tests) must get it freed
+    import llamalocal.cli as cli
+
+    r = generate(q8, "-p", PROMPT, "-n", "2", "--temp", "0")
+    assert r.exit_code == 0, r.output
+    assert cli._kept == [] and not cli._armed

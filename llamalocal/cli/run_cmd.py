@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from llamalocal.cli import keep_until_exit
 from llamalocal.cli.common import (
     cache_type_option,
     ctx_option,
@@ -50,6 +51,7 @@ def _load(model: str | None, models_dir: Path | None, *, n_ctx: int | None, thre
     start = time.perf_counter()
     loaded = load_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, force=force,
                         cache_type=cache_type, mlock=mlock, seed=seed, log=_echo_err, rpc=rpc)
+    keep_until_exit(loaded)  # the program ends without freeing it: work for nobody
     llm = loaded.llm
     where = (f"layers over {len(loaded.plan.devices)} devices" if loaded.plan is not None and loaded.plan.split
              else f"{loaded.n_gpu_layers} layers on the GPU")
