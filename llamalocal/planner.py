@@ -39,10 +39,10 @@ from llamalocal.units import MiB
 from llamalocal.units import gib as _gib
 
 # Measured (scripts/bench_plan.py, 0.3.36, x86): a llamalocal process that has imported llama_cpp and
-# looked at the hardware is 46 MiB resident; loading a model adds ~9 MiB of ggml contexts and caches,
+# looked at the hardware is 44 MiB resident; loading a model adds ~6 MiB of ggml contexts and caches,
 # and llama.cpp's vocabulary tables ~125 bytes per token and ~136 per BPE merge (Llama 3's 128256
 # tokens and 280147 merges: 53 MiB; a 32000-token sentencepiece vocabulary: 4 MiB).
-BASELINE_BYTES = 55 * MiB
+BASELINE_BYTES = 50 * MiB
 VOCAB_TOKEN_BYTES = 125
 VOCAB_MERGE_BYTES = 136
 # Per accelerator, kept free: driver allocations, fragmentation (Ollama keeps 457-512 MiB).
