@@ -64,14 +64,16 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
 
 def settle_cache(files: list[Path], cold: bool) -> str:
     """Put both pipelines in the same starting state: the checkpoint not in the page cache (drop
-    caches; needs root) or, where that is not allowed, entirely in it."""
+    caches; needs root) or, where that is not allowed or `cold` is off, entirely in it — and, where
+    caches can be dropped, nothing else in it (earlier runs' outputs and other files would compete
+    with the checkpoint for memory and push parts of it out mid-run)."""
     os.sync()
-    if cold:
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        if cold:
             return "cold page cache"
-        except OSError:
-            pass
+    except OSError:
+        pass
     for f in files:
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
