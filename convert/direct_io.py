@@ -96,6 +96,7 @@ class BlockReader:
         self._direct_fd = _open_direct(self.path, os.O_RDONLY, self._fd) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
+        self._residency = native.Residency(self._fd, os.fstat(self._fd).st_size) if self._direct_fd is not None else None
         self.cached_bytes = 0  # bytes found in the page cache and copied from there
 
     @property
@@ -114,32 +115,64 @@ class BlockReader:
         return _round_up(nbytes) + ALIGN
 
     def read(self, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
-        if self._direct_fd is not None and native.cached_fraction(self._fd, offset, nbytes) == 1.0:
-            # already in the page cache (a just-downloaded or recently read checkpoint): copy it from
-            # there at memory speed, and leave the cache as the user had it
+        if self._direct_fd is None:
             got = self._pread(self._fd, buf[:nbytes], offset)
             if got < nbytes:
                 raise EOFError(f"{self.path}: {got} of {nbytes} bytes at offset {offset}")
-            self.cached_bytes += nbytes
+            _drop_cache(self._fd, offset, nbytes)
             return buf[:nbytes]
-        if self._direct_fd is not None:
-            start = offset - offset % ALIGN
-            span = _round_up(offset + nbytes) - start
-            try:
-                got = self._pread(self._direct_fd, buf[:span], start)
-            except OSError as e:
-                if not _direct_refused(e):
-                    raise
-                self._close_direct()
-            else:
-                if got < offset + nbytes - start:
-                    raise EOFError(f"{self.path}: {got - (offset - start)} of {nbytes} bytes at offset {offset}")
-                return buf[offset - start:offset - start + nbytes]
-        got = self._pread(self._fd, buf[:nbytes], offset)
-        if got < nbytes:
-            raise EOFError(f"{self.path}: {got} of {nbytes} bytes at offset {offset}")
-        _drop_cache(self._fd, offset, nbytes)
-        return buf[:nbytes]
+        # buf[i] holds file byte base + i with base aligned, so bytes copied from the cache (any
+        # alignment) and direct reads (aligned) land in the same places and one range can mix both
+        shift = offset % ALIGN
+        base, end = offset - shift, offset + nbytes
+        for start, stop, cached in self._runs(offset, nbytes):
+            if cached:
+                # in the page cache (a just-downloaded or recently read checkpoint): copied from
+                # there at memory speed, the cache left as the user had it
+                got = self._pread(self._fd, buf[start - base:stop - base], start)
+                self.cached_bytes += got
+                if start + got < stop:
+                    raise EOFError(f"{self.path}: {start + got - offset} of {nbytes} bytes at offset {offset}")
+                continue
+            lo, hi = start - start % ALIGN, _round_up(stop)
+            if self._direct_fd is not None:
+                try:
+                    got = self._pread(self._direct_fd, buf[lo - base:hi - base], lo)
+                except OSError as e:
+                    if not _direct_refused(e):
+                        raise
+                    self._close_direct()
+                else:
+                    if lo + got < stop:
+                        raise EOFError(f"{self.path}: {lo + got - offset} of {nbytes} bytes at offset {offset}")
+                    continue
+            got = self._pread(self._fd, buf[start - base:stop - base], start)
+            if start + got < stop:
+                raise EOFError(f"{self.path}: {start + got - offset} of {nbytes} bytes at offset {offset}")
+            _drop_cache(self._fd, start, stop - start)
+        return buf[shift:shift + end - offset]
+
+    def _runs(self, offset: int, nbytes: int) -> list[tuple[int, int, bool]]:
+        """[offset, offset + nbytes) cut into (start, stop, cached) runs of whole pages: the pages
+        the page cache holds and those it does not (a warm file whose cache lost pages here and
+        there to reclaim is mostly the first kind). All of it uncached where the OS cannot tell."""
+        end = offset + nbytes
+        residency = self._residency
+        vec = residency.pages(offset, nbytes) if residency is not None else None
+        if residency is None or vec is None or not vec.count(0):
+            return [(offset, end, vec is not None)] if nbytes else []
+        if vec.count(0) == len(vec):
+            return [(offset, end, False)]
+        flags = np.frombuffer(vec, dtype=np.uint8) != 0
+        edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+        page, first = residency.page, offset // residency.page
+        bounds = [offset, *((first + int(e)) * page for e in edges), end]
+        cached = bool(flags[0])
+        runs = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            runs.append((a, b, cached))
+            cached = not cached
+        return runs
 
     @staticmethod
     def _pread(fd: int, view: np.ndarray, offset: int) -> int:
@@ -160,6 +193,9 @@ class BlockReader:
 
     def close(self) -> None:
         self._close_direct()
+        if self._residency is not None:
+            self._residency.close()
+            self._residency = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

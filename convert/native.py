@@ -258,29 +258,64 @@ _PROT_READ, _MAP_SHARED = 1, 1
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+class Residency:
+    """Which pages of an open file are in the page cache, asked many times: the whole file is
+    mapped once (never touched, so nothing is read and nothing can fault) and mincore is asked
+    about ranges of that one mapping. A map and unmap per question would cost the process a TLB
+    shootdown on every core each time; that is what happens only where the whole file cannot be
+    mapped (an address-space limit)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        import mmap
+
+        self.page = mmap.PAGESIZE
+        self._fd = fd
+        self._addr: int | None = None
+        self._span = -(-size // self.page) * self.page
+        libc = _libc()
+        if libc is not None and self._span:
+            addr = libc.mmap(None, self._span, _PROT_READ, _MAP_SHARED, fd, 0)
+            if addr is not None and addr != _MAP_FAILED:
+                self._addr = addr
+
+    def pages(self, offset: int, length: int) -> bytes | None:
+        """One byte per page holding [offset, offset + length): non-zero where the page is cached
+        (Linux sets bit 0; macOS's other bits mean resident too); None where the OS cannot tell."""
+        libc = _libc()
+        if libc is None or length <= 0:
+            return None
+        first = offset // self.page
+        last = -(-(offset + length) // self.page)
+        if self._addr is not None and last * self.page <= self._span:
+            return _mincore(libc, self._addr + first * self.page, last - first, self.page)
+        # past the file as it was when mapped, or no mapping of it all: map just this range
+        addr = libc.mmap(None, (last - first) * self.page, _PROT_READ, _MAP_SHARED, self._fd, first * self.page)
+        if addr is None or addr == _MAP_FAILED:
+            return None
+        try:
+            return _mincore(libc, addr, last - first, self.page)
+        finally:
+            libc.munmap(addr, (last - first) * self.page)
+
+    def close(self) -> None:
+        addr, self._addr = self._addr, None
+        libc = _libc()
+        if addr is not None and libc is not None:
+            libc.munmap(addr, self._span)
+
+
+def _mincore(libc: ctypes.CDLL, addr: int, n: int, page: int) -> bytes | None:
+    vec = (ctypes.c_ubyte * n)()
+    return bytes(vec) if libc.mincore(addr, n * page, vec) == 0 else None
+
+
 def cached_fraction(fd: int, offset: int, length: int) -> float | None:
     """The fraction of the pages holding bytes [offset, offset + length) of open file `fd` that are
     in the page cache (mincore on a mapping that is never touched, so nothing is read); None where
     the OS cannot tell."""
-    import mmap
-
-    libc = _libc()
-    if libc is None or length <= 0:
-        return None
-    page = mmap.PAGESIZE
-    start = offset - offset % page
-    span = offset + length - start
-    addr = libc.mmap(None, span, _PROT_READ, _MAP_SHARED, fd, start)
-    if addr is None or addr == _MAP_FAILED:
-        return None
-    try:
-        n = -(-span // page)
-        vec = (ctypes.c_ubyte * n)()
-        if libc.mincore(addr, span, vec) != 0:
-            return None
-        return (n - bytes(vec).count(0)) / n  # Linux sets bit 0 only; macOS's other bits mean resident too
-    finally:
-        libc.munmap(addr, span)
+    residency = Residency(fd, 0)
+    vec = residency.pages(offset, length)
+    return None if vec is None else (len(vec) - vec.count(0)) / len(vec)
 
 
 # ---------------------------------------------------------------------------------------------

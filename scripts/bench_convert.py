@@ -17,8 +17,9 @@ The peer is what a llama.cpp user runs on a Meta download:
 
 Both pipelines run in the same session on the same checkpoint, each step as a child process whose
 wall time and peak RSS (VmHWM, polled) are measured, alternating for --rounds rounds so that a
-noisy neighbour shows as spread rather than as one lucky or unlucky figure. At the end the two
-q4_0 files are compared tensor by tensor.
+noisy neighbour shows as spread rather than as one lucky or unlucky figure. Every step writes a
+new file, as a first conversion does (no step pays for freeing an earlier run's output). At the
+end the two q4_0 files are compared tensor by tensor.
 
     python scripts/bench_convert.py                    # LLaMA-7B shapes, 16 layers (~6.5 GB fp16)
     python scripts/bench_convert.py --layers 4 --work /tmp/bc
@@ -209,21 +210,27 @@ def main() -> None:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.load)]
     rows = []  # per round: (ours, ours + md5, md5sum, ours again (verified before), [peer steps])
     for r in range(a.rounds):
+        # every step writes a new file, as a first conversion does: replacing a 1.9 GB output frees
+        # its blocks inside the rename (0.3 s here), a cost of --force, not of converting
+        ours_out.unlink(missing_ok=True)
         cache_state = settle_cache(shards, cold=not a.warm)
         print(f"round {r + 1}/{a.rounds}: llamalocal convert --q4_0 --no-verify ({cache_state}) ...", file=sys.stderr)
         ours = run_measured(ours_cmd + ["--no-verify"])
+        ours_out.unlink()
         settle_cache(shards, cold=not a.warm)
         print("  llamalocal convert --q4_0 (with md5 verification, the default; nothing verified before) ...",
               file=sys.stderr)
         with tempfile.TemporaryDirectory() as fresh:
             record_env = dict(os.environ, LLAMALOCAL_CACHE=fresh)
             verified = run_measured(ours_cmd, env=record_env)
+            ours_out.unlink()
             settle_cache(shards, cold=not a.warm)
             print("  llamalocal convert --q4_0 again (the download verified by the run before) ...", file=sys.stderr)
             again = run_measured(ours_cmd, env=record_env)
         settle_cache(shards, cold=not a.warm)
         print("  md5sum of the listed files ...", file=sys.stderr)
         md5sum = run_measured(md5sum_cmd)
+        peer_q4.unlink(missing_ok=True)
         settle_cache(shards, cold=not a.warm)
         steps = []
         for label, cmd, step_env in peer_steps:

@@ -62,7 +62,7 @@ def test_falls_back_when_the_filesystem_refuses_direct_reads(data_file, monkeypa
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", refuse)
-    monkeypatch.setattr(native, "cached_fraction", lambda fd, offset, n: 0.0)  # as if cold: go direct
+    monkeypatch.setattr(r._residency, "pages", lambda offset, n: bytes(-(-n // ALIGN) + 1))  # as if cold
     buf = aligned_empty(BlockReader.buffer_size(9000))
     assert r.read(100, 9000, buf).tobytes() == data[100:9100]
     assert not r.direct
@@ -91,6 +91,41 @@ def test_cached_ranges_come_from_the_page_cache_cold_ones_from_disk(tmp_path):
     assert r.read(33 * ALIGN + 7, 10 * ALIGN, buf).tobytes() == data[33 * ALIGN + 7:43 * ALIGN + 7]
     assert r.cached_bytes == 10 * ALIGN
     r.close()
+
+
+@pytest.mark.parametrize("whole_file_mapped", [True, False], ids=["mapped-once", "mapped-per-read"])
+def test_a_cached_range_with_pages_missing_reads_only_those_from_disk(tmp_path, whole_file_mapped):
+    """A warm file whose cache lost pages here and there (reclaim): the cached pages are copied
+    from the cache, the missing ones read around it, and the bytes are exact either way. The same
+    where the file cannot be mapped whole for asking (an address-space limit)."""
+    path = tmp_path / "holes.bin"
+    mib = 2**20
+    data = np.random.default_rng(2).integers(0, 256, 12 * mib, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # none of it cached
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past what is read
+        for at in (0, 3, 4, 5, 7, 8, 9, 10):  # then all but MiBs 1, 2, 6 and 11 read (and cached) again
+            os.pread(f.fileno(), mib, at * mib)
+        frac = native.cached_fraction(f.fileno(), 0, len(data))
+    r = BlockReader(path)
+    if not r.direct or frac != 8 / 12:
+        r.close()
+        pytest.skip("this filesystem cannot evict single pages or take O_DIRECT; nothing to tell apart")
+    if not whole_file_mapped:
+        r._residency.close()  # as if the whole-file mapping had failed
+    holes = [(h * mib, (h + 1) * mib) for h in (1, 2, 6, 11)]
+    for offset, n in ((7, len(data) - 7), (mib, ALIGN), (mib - 100, 5 * ALIGN), (3 * mib - 1, 4 * mib + 3),
+                      (11 * mib + 5, mib - 5), (5 * mib, mib)):
+        buf = aligned_empty(BlockReader.buffer_size(n))
+        before = r.cached_bytes
+        assert r.read(offset, n, buf).tobytes() == data[offset:offset + n], (offset, n)
+        missing = sum(max(0, min(offset + n, hi) - max(offset, lo)) for lo, hi in holes)
+        assert r.cached_bytes - before == n - missing, (offset, n)  # exactly the cached bytes came from the cache
+    r.close()
+    with open(path, "rb") as f:  # what was missing is still missing: read around the cache
+        assert native.cached_fraction(f.fileno(), 6 * mib, mib) == 0.0
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -176,6 +176,22 @@ def test_nan_is_refused(qtype, bad):
         qz.quantize_block([(x.astype(np.float16), False)], qtype, np.empty(x.size * 4, np.uint8))
 
 
+@pytest.mark.parametrize("bits,bad", [(0x7C00, True), (0xFC00, True), (0x7C01, True), (0xFE00, True), (0x7FFF, True),
+                                      (0x7BFF, False), (0xFBFF, False), (0x0001, False), (0x8000, False)])
+def test_fp16_values_are_checked_as_stored(bits, bad):
+    """Every fp16 bit pattern with all exponent bits set (infinities, quiet and signalling NaNs of
+    either sign) is refused, in any part of a glued block; the largest finite values pass."""
+    parts = [_rows(3, 64, seed=4).astype(np.float16), _rows(3, 32, seed=5).astype(np.float16)]
+    parts[1].view(np.uint16)[1, 7] = bits
+    out = np.empty(3 * 96 * 2, np.uint8)
+    if bad:
+        with pytest.raises(ValueError, match="rows 1..3 hold NaN"):
+            qz.quantize_block([(p, False) for p in parts], Q.F16, out, first_row=1)
+    else:
+        got = qz.quantize_block([(p, False) for p in parts], Q.F16, out)
+        assert got.view(np.uint16)[1 * 96 + 64 + 7] == bits  # stored as it was
+
+
 def test_type_needing_an_imatrix_is_refused():
     with pytest.raises(ValueError, match="importance matrix"):
         qz.quantize_rows(_rows(2, 256), Q.IQ2_XXS)
