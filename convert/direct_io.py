@@ -82,8 +82,8 @@ def _no_cache_hint(fd: int) -> None:
 class BlockReader:
     """Reads byte ranges of one file into caller-owned buffers, from any thread.
 
-    A range already wholly in the page cache is copied from there (memory speed, cache left as it
-    was); any other is read with direct I/O (disk speed, the cache left alone).
+    The pages of a range that are in the page cache are copied from there (memory speed, cache left
+    as it was); the others are read with direct I/O (disk speed, the cache left alone).
 
     `read(offset, nbytes, buf)` fills `buf` (at least `buffer_size(nbytes)` bytes, from
     `aligned_empty`) and returns the view of `buf` holding exactly those bytes.
