@@ -116,41 +116,40 @@ class BlockReader:
 
     def read(self, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
         if self._direct_fd is None:
-            got = self._pread(self._fd, buf[:nbytes], offset)
-            if got < nbytes:
-                raise EOFError(f"{self.path}: {got} of {nbytes} bytes at offset {offset}")
+            self._fill(self._fd, buf, offset, offset, offset + nbytes, offset)
             _drop_cache(self._fd, offset, nbytes)
             return buf[:nbytes]
         # buf[i] holds file byte base + i with base aligned, so bytes copied from the cache (any
         # alignment) and direct reads (aligned) land in the same places and one range can mix both
         shift = offset % ALIGN
-        base, end = offset - shift, offset + nbytes
+        base = offset - shift
         for start, stop, cached in self._runs(offset, nbytes):
             if cached:
                 # in the page cache (a just-downloaded or recently read checkpoint): copied from
                 # there at memory speed, the cache left as the user had it
-                got = self._pread(self._fd, buf[start - base:stop - base], start)
-                self.cached_bytes += got
-                if start + got < stop:
-                    raise EOFError(f"{self.path}: {start + got - offset} of {nbytes} bytes at offset {offset}")
+                self._fill(self._fd, buf, base, start, stop, offset)
+                self.cached_bytes += stop - start
                 continue
-            lo, hi = start - start % ALIGN, _round_up(stop)
             if self._direct_fd is not None:
                 try:
-                    got = self._pread(self._direct_fd, buf[lo - base:hi - base], lo)
+                    self._fill(self._direct_fd, buf, base, start - start % ALIGN, stop, offset, _round_up(stop))
+                    continue
                 except OSError as e:
                     if not _direct_refused(e):
                         raise
                     self._close_direct()
-                else:
-                    if lo + got < stop:
-                        raise EOFError(f"{self.path}: {lo + got - offset} of {nbytes} bytes at offset {offset}")
-                    continue
-            got = self._pread(self._fd, buf[start - base:stop - base], start)
-            if start + got < stop:
-                raise EOFError(f"{self.path}: {start + got - offset} of {nbytes} bytes at offset {offset}")
+            self._fill(self._fd, buf, base, start, stop, offset)
             _drop_cache(self._fd, start, stop - start)
-        return buf[shift:shift + end - offset]
+        return buf[shift:shift + nbytes]
+
+    def _fill(self, fd: int, buf: np.ndarray, base: int, start: int, stop: int, asked: int,
+              upto: int | None = None) -> None:
+        """Read file bytes [start, upto or stop) into buf[start - base:]: EOFError (naming the
+        range `asked` from) if the file ends before `stop`."""
+        got = self._pread(fd, buf[start - base:(upto or stop) - base], start)
+        if start + got < stop:
+            raise EOFError(f"{self.path}: the file ends {stop - start - got} bytes short of {stop - asked} bytes "
+                           f"at offset {asked}")
 
     def _runs(self, offset: int, nbytes: int) -> list[tuple[int, int, bool]]:
         """[offset, offset + nbytes) cut into (start, stop, cached) runs of whole pages: the pages
@@ -159,20 +158,14 @@ class BlockReader:
         end = offset + nbytes
         residency = self._residency
         vec = residency.pages(offset, nbytes) if residency is not None else None
-        if residency is None or vec is None or not vec.count(0):
-            return [(offset, end, vec is not None)] if nbytes else []
-        if vec.count(0) == len(vec):
-            return [(offset, end, False)]
+        missing = vec.count(0) if vec is not None else 0
+        if residency is None or vec is None or missing in (0, len(vec)):
+            return [(offset, end, vec is not None and not missing)] if nbytes else []
         flags = np.frombuffer(vec, dtype=np.uint8) != 0
         edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
         page, first = residency.page, offset // residency.page
         bounds = [offset, *((first + int(e)) * page for e in edges), end]
-        cached = bool(flags[0])
-        runs = []
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            runs.append((a, b, cached))
-            cached = not cached
-        return runs
+        return [(a, b, bool(flags[0]) == (i % 2 == 0)) for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))]
 
     @staticmethod
     def _pread(fd: int, view: np.ndarray, offset: int) -> int:

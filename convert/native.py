@@ -309,15 +309,6 @@ def _mincore(libc: ctypes.CDLL, addr: int, n: int, page: int) -> bytes | None:
     return bytes(vec) if libc.mincore(addr, n * page, vec) == 0 else None
 
 
-def cached_fraction(fd: int, offset: int, length: int) -> float | None:
-    """The fraction of the pages holding bytes [offset, offset + length) of open file `fd` that are
-    in the page cache (mincore on a mapping that is never touched, so nothing is read); None where
-    the OS cannot tell."""
-    residency = Residency(fd, 0)
-    vec = residency.pages(offset, length)
-    return None if vec is None else (len(vec) - vec.count(0)) / len(vec)
-
-
 # ---------------------------------------------------------------------------------------------
 # ggml: the backend registry
 # ---------------------------------------------------------------------------------------------
