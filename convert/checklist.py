@@ -8,13 +8,16 @@ one per core (md5 itself is serial).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+import numpy as np
 
 from llamalocal.convert.direct_io import BlockReader, aligned_empty
 from llamalocal.convert.errors import BadInputError, ChecksumError
@@ -56,24 +59,46 @@ class Cancelled(Exception):
 def md5_file(path: Path, progress: Callable[[int], object] | None = None,
              stop: Callable[[], bool] | None = None) -> str:
     """The file's md5 as hex, read once in CHUNK-sized pieces; `stop()` turning true between
-    chunks ends it with Cancelled."""
+    chunks ends it with Cancelled. Cached pieces are hashed where they lie in the page cache
+    (BlockReader.view: no copy), the others read past the cache, the next piece fetched while
+    this one is hashed."""
     h = hashlib.md5(usedforsecurity=False)
     buffers = [aligned_empty(BlockReader.buffer_size(CHUNK)) for _ in range(2)]
     with BlockReader(path) as reader, ThreadPoolExecutor(1) as ahead:
         size = reader.size  # of what was opened (a regular file: BlockReader refuses anything else)
-        offset = 0
-        nxt = ahead.submit(reader.read, 0, min(CHUNK, size), buffers[0]) if size else None
-        while nxt is not None:
-            if stop is not None and stop():
-                nxt.result()  # let the read in flight finish before its buffer goes away
-                raise Cancelled(str(path))
-            chunk = nxt.result()
-            offset += chunk.size
-            nxt = (ahead.submit(reader.read, offset, min(CHUNK, size - offset), buffers[offset // CHUNK % 2])
-                   if offset < size else None)
-            h.update(chunk.data)  # releases the GIL: the read of the next chunk goes on meanwhile
-            if progress is not None:
-                progress(chunk.size)
+
+        def fetch(offset: int) -> tuple[int, np.ndarray, bool]:
+            """(offset, the chunk there, whether it is lent by the reader rather than copied)"""
+            n = min(CHUNK, size - offset)
+            lent = reader.view(offset, n)
+            if lent is not None:
+                return offset, lent, True
+            return offset, reader.read(offset, n, buffers[offset // CHUNK % 2]), False
+
+        def give_back(fetched: Future[tuple[int, np.ndarray, bool]]) -> None:
+            offset, chunk, lent = fetched.result()
+            if lent:
+                reader.release(offset, chunk.size)
+
+        nxt = ahead.submit(fetch, 0) if size else None
+        try:
+            while nxt is not None:
+                if stop is not None and stop():
+                    raise Cancelled(str(path))
+                current = nxt
+                offset, chunk, _ = current.result()
+                end = offset + chunk.size
+                nxt = ahead.submit(fetch, end) if end < size else None
+                try:
+                    h.update(chunk.data)  # releases the GIL: the next chunk is fetched meanwhile
+                finally:
+                    give_back(current)
+                if progress is not None:
+                    progress(chunk.size)
+        finally:
+            if nxt is not None:  # stopped early: the fetch in flight ends before its buffer goes away
+                with contextlib.suppress(Exception):
+                    give_back(nxt)
     return h.hexdigest()
 
 

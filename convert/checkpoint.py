@@ -651,6 +651,22 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} is truncated ({e}); download it again") from None
         return data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
 
+    def lend_rows(self, name: str, start: int, stop: int | None) -> np.ndarray | None:
+        """Rows [start, stop) as `read_rows` gives them, but lent from the page cache without a
+        copy (BlockReader.view) if they are all cached; None otherwise. Give them back with
+        `give_back(name, start, stop)`."""
+        t = self._info(name)
+        offset, count, n = self._span(t, start, stop)
+        reader = self._reader
+        data = reader.view(offset, count * t.itemsize) if reader is not None else None
+        return None if data is None else data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
+
+    def give_back(self, name: str, start: int, stop: int | None) -> None:
+        t = self._info(name)
+        offset, count, _ = self._span(t, start, stop)
+        if self._reader is not None:
+            self._reader.release(offset, count * t.itemsize)
+
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's
         elements; the defaults give the whole tensor)."""

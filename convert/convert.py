@@ -29,7 +29,7 @@ import numpy as np
 
 from llamalocal.convert import imatrix_file, presets, verified
 from llamalocal.convert.checklist import read_checklist, verify_checklist
-from llamalocal.convert.checkpoint import open_checkpoint
+from llamalocal.convert.checkpoint import Checkpoint, open_checkpoint
 from llamalocal.convert.direct_io import aligned_empty
 from llamalocal.convert.errors import (
     BadInputError,
@@ -316,24 +316,44 @@ def _write_imatrix_metadata(w: StreamingGGUFWriter, imx: Imatrix, source: str) -
 
 class _Slot:
     """Buffers for one block in flight: its stored bytes as read, and its quantized bytes.
-    A fixed set of slots is reused for the whole model, so memory is touched once."""
+    A fixed set of slots is reused for the whole model, so memory is touched once. Parts of a
+    block that are in the page cache are not copied into the slot but lent from there
+    (Checkpoint.lend_rows) until the block is quantized."""
 
     def __init__(self) -> None:
         self.raw = aligned_empty(0)
         self.out = aligned_empty(0)
+        self._lent: list[tuple[Checkpoint, str, int, int]] = []
 
-    def read(self, t: TensorPlan, shards: list, slices: list[ShardSlice]) -> list[tuple[np.ndarray, bool]]:
-        sizes = [shards[s.shard].read_size(t.meta_name, s.start, s.stop) for s in slices]
+    def read(self, t: TensorPlan, shards: list[Checkpoint],
+             slices: list[ShardSlice]) -> list[tuple[np.ndarray, bool]]:
+        parts: list[tuple[np.ndarray, bool]] = []
+        copied: list[tuple[int, ShardSlice]] = []  # the parts read into the slot: (index, slice)
+        for s in slices:
+            shard = shards[s.shard]
+            values = shard.lend_rows(t.meta_name, s.start, s.stop)
+            if values is None:
+                copied.append((len(parts), s))
+                values = np.empty(0, dtype=np.uint8)
+            else:
+                self._lent.append((shard, t.meta_name, s.start, s.stop))
+            parts.append((values, shard.tensors[t.meta_name].dtype_name == "bf16"))
+        sizes = [shards[s.shard].read_size(t.meta_name, s.start, s.stop) for _, s in copied]
         if self.raw.size < sum(sizes):
             self.raw = aligned_empty(sum(sizes))
-        parts, at = [], 0
-        for s, size in zip(slices, sizes, strict=True):
-            shard = shards[s.shard]
-            values = shard.read_rows(t.meta_name, s.start, s.stop, self.raw[at:at + size])
-            parts.append((values.reshape(s.stop - s.start, -1) if values.ndim == 2 else values.reshape(1, -1),
-                          shard.tensors[t.meta_name].dtype_name == "bf16"))
+        at = 0
+        for (i, s), size in zip(copied, sizes, strict=True):
+            values = shards[s.shard].read_rows(t.meta_name, s.start, s.stop, self.raw[at:at + size])
+            parts[i] = (values, parts[i][1])
             at += size  # sizes are whole pages, so every part starts aligned
-        return parts
+        return [(values.reshape(s.stop - s.start, -1) if values.ndim == 2 else values.reshape(1, -1), bf16)
+                for (values, bf16), s in zip(parts, slices, strict=True)]
+
+    def give_back(self) -> None:
+        """Return what was lent for the block (once it is quantized, or the conversion stopped)."""
+        lent, self._lent = self._lent, []
+        for shard, name, start, stop in lent:
+            shard.give_back(name, start, stop)
 
     def output(self, nbytes: int) -> np.ndarray:
         if self.out.size < nbytes:
@@ -387,9 +407,10 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
     Reading, quantizing and writing all overlap, and at most `len(slots)` blocks exist at once.
     `check()` runs before each block and may raise to stop the conversion (a failed md5);
     `hashing`: while md5 runs, blocks go to workers that yield to it (see _Hashing)."""
+    ring = [_Slot() for _ in range(2 * n_workers + 2)]
     slots: Queue[_Slot] = Queue()
-    for _ in range(2 * n_workers + 2):
-        slots.put(_Slot())
+    for slot in ring:
+        slots.put(slot)
     pending: Queue = Queue()
     stop = threading.Event()
 
@@ -418,10 +439,20 @@ def _stream_tensors(w: StreamingGGUFWriter, plans: list[TensorPlan], shards: lis
             return quantize_block(parts, t.qtype, slot.output(nbytes), first_row=first_row, importance=t.importance)
         except ValueError as e:
             raise CheckpointError(f"{t.meta_name}: {e}; the checkpoint is damaged, download it again") from None
+        finally:
+            slot.give_back()  # the stored values are not needed once quantized
 
     # threads are started on first use: the yielding pool only has some while md5 runs
-    with (ThreadPoolExecutor(n_workers) as pool, ThreadPoolExecutor(n_workers, initializer=_lower_thread_priority)
-          as yielding, ThreadPoolExecutor(1) as writer_pool):
+    with ExitStack() as cleanup:
+        # however it ends, once every thread has stopped: what blocks in flight were lent goes back
+        def give_all_back() -> None:
+            for slot in ring:
+                slot.give_back()
+
+        cleanup.callback(give_all_back)
+        pool = cleanup.enter_context(ThreadPoolExecutor(n_workers))
+        yielding = cleanup.enter_context(ThreadPoolExecutor(n_workers, initializer=_lower_thread_priority))
+        writer_pool = cleanup.enter_context(ThreadPoolExecutor(1))
         writer = writer_pool.submit(write_in_order)
 
         def free_slot() -> _Slot:

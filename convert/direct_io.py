@@ -7,6 +7,11 @@ the disk moves data straight between the file and a few aligned buffers that are
 whole run. Where direct I/O is not available (macOS, tmpfs, some network filesystems)
 the same calls fall back to ordinary reads and writes, and the kernel is told to drop what we have
 finished with.
+
+Pages that are already in the page cache (a checkpoint just downloaded or read a minute ago) are
+not read from disk again: `BlockReader` copies them from the cache, or lends them without a copy
+through a mapping of the file while it holds a read lease on it (Linux), so that nobody can
+truncate the file under the mapping without waiting for us first.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import contextlib
 import errno
 import mmap
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +73,42 @@ def _open_direct(path: Path, flags: int, like: int) -> int | None:
     return fd
 
 
+def _take_lease(fd: int) -> bool:
+    """A read lease on the open file (Linux): from then on, whoever opens it for writing or
+    truncates it waits (up to the kernel's lease-break-time, 45 s by default) until we let go,
+    and we can see that they wait. Refused where someone has it open for writing (a download
+    still running), where we do not own it, and on filesystems without leases."""
+    if sys.platform != "linux":
+        return False
+    import fcntl
+
+    try:
+        # a lease break is announced by a signal, SIGIO unless told otherwise, which would kill
+        # the process; SIGURG is ignored unless handled, and the break is seen by asking
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _lease_kept(fd: int) -> bool:
+    """Whether our read lease on `fd` is still whole (no one is waiting to write or truncate)."""
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
+
+
+def _drop_lease(fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
 def _no_cache_hint(fd: int) -> None:
     """macOS has no O_DIRECT; F_NOCACHE asks it not to keep this file's pages."""
     if sys.platform == "darwin":
@@ -87,6 +130,13 @@ class BlockReader:
 
     `read(offset, nbytes, buf)` fills `buf` (at least `buffer_size(nbytes)` bytes, from
     `aligned_empty`) and returns the view of `buf` holding exactly those bytes.
+
+    `view(offset, nbytes)` lends a range whose pages are all cached without copying it: the
+    page-cache pages themselves, read-only, through a mapping of the file, or None (then `read`).
+    It does so only while the file holds a read lease, so that nobody can truncate it under a
+    mapping (a mapped page past the end of a file is SIGBUS, not an error): someone who tries
+    waits until every lent range is given back with `release(offset, nbytes)`, and nothing is lent
+    from then on.
     """
 
     def __init__(self, path: str | Path, *, direct: bool = True,
@@ -96,8 +146,59 @@ class BlockReader:
         self._direct_fd = _open_direct(self.path, os.O_RDONLY, self._fd) if direct else None
         if self._direct_fd is None:
             _no_cache_hint(self._fd)
-        self._residency = native.Residency(self._fd, os.fstat(self._fd).st_size) if self._direct_fd is not None else None
+        self._opened_size = os.fstat(self._fd).st_size
+        self._residency = native.Residency(self._fd, self._opened_size) if self._direct_fd is not None else None
         self.cached_bytes = 0  # bytes found in the page cache and copied from there
+        self.lent_bytes = 0  # bytes found in the page cache and lent by view()
+        self._lock = threading.Lock()
+        self._lent = 0  # views not given back yet
+        self._closing = False
+        # taken on the first view(): a reader that only copies never makes a writer wait
+        self._leased: bool | None = None if self._residency is not None and self._residency.mapped else False
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray | None:
+        """The file's bytes [offset, offset + nbytes), read-only, straight from the page cache,
+        if all of them are cached and the file is leased; None otherwise. Give it back with
+        `release(offset, nbytes)` once done with it."""
+        residency = self._residency
+        if self._leased is False or residency is None or offset + nbytes > self._opened_size:
+            return None
+        with self._lock:
+            if self._leased is None:
+                self._leased = _take_lease(self._fd)
+                if self._leased and os.fstat(self._fd).st_size != self._opened_size:  # shrunk before it held
+                    _drop_lease(self._fd)
+                    self._leased = False
+            if not self._lease_holds():
+                return None
+            vec = residency.pages(offset, nbytes)
+            data = residency.view(offset, nbytes) if vec is not None and vec.count(0) == 0 else None
+            if data is not None:
+                self._lent += 1
+                self.lent_bytes += nbytes
+            return data
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Give back a range `view` lent (its pages leave this process's memory, not the cache)."""
+        if self._residency is not None:
+            self._residency.drop(offset, nbytes)
+        with self._lock:
+            self._lent -= 1
+            self._lease_holds()  # let a waiting writer go on once nothing lent is in use
+            if self._closing and self._lent == 0:
+                self._close_now()
+
+    def _lease_holds(self) -> bool:
+        """Under the lock: whether views may be lent. A writer waiting for the lease ends it: at
+        once when nothing is lent, else when the last view comes back."""
+        if not self._leased:
+            return False
+        if _lease_kept(self._fd):
+            return True
+        if self._lent == 0:
+            _drop_lease(self._fd)
+            self._leased = False
+        return False
 
     @property
     def direct(self) -> bool:
@@ -185,13 +286,23 @@ class BlockReader:
             os.close(fd)
 
     def close(self) -> None:
+        """Close the file; with views still lent, when the last one comes back (until then the
+        mapping and the lease stay)."""
+        with self._lock:
+            if self._lent:
+                self._closing = True
+                return
+            self._close_now()
+
+    def _close_now(self) -> None:
         self._close_direct()
         if self._residency is not None:
             self._residency.close()
             self._residency = None
         if self._fd >= 0:
-            os.close(self._fd)
+            os.close(self._fd)  # ends the lease
             self._fd = -1
+        self._leased = False
 
     def __enter__(self) -> BlockReader:
         return self

@@ -24,9 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamalocal.convert.errors import LlamalocalError
+
+if TYPE_CHECKING:
+    import numpy
 
 # The llama-cpp-python release the struct layouts and signatures below are written against.
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
@@ -249,21 +252,26 @@ def _libc() -> ctypes.CDLL | None:
         libc.mmap.argtypes, libc.mmap.restype = [vp, sz, c_int, c_int, c_int, ctypes.c_long], vp
         libc.munmap.argtypes, libc.munmap.restype = [vp, sz], c_int
         libc.mincore.argtypes, libc.mincore.restype = [vp, sz, ctypes.POINTER(ctypes.c_ubyte)], c_int
+        libc.madvise.argtypes, libc.madvise.restype = [vp, sz, c_int], c_int
     except (OSError, AttributeError):
         return None
     return libc
 
 
 _PROT_READ, _MAP_SHARED = 1, 1
+_MADV_DONTNEED = 4  # Linux and macOS
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class Residency:
     """Which pages of an open file are in the page cache, asked many times: the whole file is
-    mapped once (never touched, so nothing is read and nothing can fault) and mincore is asked
-    about ranges of that one mapping. A map and unmap per question would cost the process a TLB
-    shootdown on every core each time; that is what happens only where the whole file cannot be
-    mapped (an address-space limit)."""
+    mapped once and mincore is asked about ranges of that one mapping. A map and unmap per
+    question would cost the process a TLB shootdown on every core each time; that is what happens
+    only where the whole file cannot be mapped (an address-space limit).
+
+    `view()` lends the mapped bytes themselves, for reading cached pages without copying them;
+    the caller must make sure the file cannot shrink meanwhile (a page past the end of a file
+    faults with SIGBUS): direct_io.BlockReader does, with a lease."""
 
     def __init__(self, fd: int, size: int) -> None:
         import mmap
@@ -296,6 +304,34 @@ class Residency:
             return _mincore(libc, addr, last - first, self.page)
         finally:
             libc.munmap(addr, (last - first) * self.page)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the whole file (as it was when opened) is mapped."""
+        return self._addr is not None
+
+    def view(self, offset: int, length: int) -> numpy.ndarray | None:
+        """The file's bytes [offset, offset + length) in the mapping, read-only: touching them
+        maps the page-cache pages into this process (or reads them from disk if they are not
+        cached). None where the whole file is not mapped or the range lies past it."""
+        import numpy as np
+
+        if self._addr is None or offset < 0 or length <= 0 or offset + length > self._span:
+            return None
+        data = np.ctypeslib.as_array((ctypes.c_ubyte * length).from_address(self._addr + offset))
+        data.flags.writeable = False  # PROT_READ: a write would be SIGSEGV
+        return data
+
+    def drop(self, offset: int, length: int) -> None:
+        """Unmap the pages holding [offset, offset + length) from this process (they stay in the
+        page cache): what `view` touched stops counting as this process's memory."""
+        libc = _libc()
+        if self._addr is None or libc is None or length <= 0:
+            return
+        first = offset // self.page * self.page
+        last = min(self._span, -(-(offset + length) // self.page) * self.page)
+        if last > first:
+            libc.madvise(self._addr + first, last - first, _MADV_DONTNEED)
 
     def close(self) -> None:
         addr, self._addr = self._addr, None
