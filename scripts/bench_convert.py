@@ -245,8 +245,8 @@ def main() -> None:
     print(f"\ncheckpoint: {shapes}, {layers} layers, {ckpt_bytes / gib:.2f} GiB {dtype}; "
           f"{os.cpu_count()} CPUs{f', {a.load} busy processes running' if a.load else ''}; every run started with "
           f"a {cache_state}")
-    print(f"{'round':>5}{'ours s':>9}{'+md5 s':>9}{'peer s':>9}{steps_label:>24}"
-          f"{'speed':>8}{'+md5':>7}{'ours RSS':>10}{'peer RSS':>10}{'RSS ratio':>10}")
+    print(f"{'round':>5}{'ours s':>9}{'+md5 s':>9}{'md5sum s':>9}{'peer s':>9}{steps_label:>24}"
+          f"{'speed':>8}{'+md5':>7}{'/md5sum':>8}{'ours RSS':>10}{'peer RSS':>10}{'RSS ratio':>10}")
     speeds, verified_speeds, rss_ratios, floor_ratios, again_speeds = [], [], [], [], []
     for i, (ours, verified, md5sum, again, steps) in enumerate(rows, start=1):
         floor_ratios.append(verified[0] / md5sum[0])
@@ -257,8 +257,9 @@ def main() -> None:
         verified_speeds.append(peer_t / verified[0])
         rss_ratios.append(ours_rss / peer_rss)
         parts = "(" + " + ".join(f"{s[0]:.1f}" for s in steps) + ")"
-        print(f"{i:>5}{ours[0]:9.1f}{verified[0]:9.1f}{peer_t:9.1f}{parts:>24}"
-              f"{speeds[-1]:7.2f}x{verified_speeds[-1]:6.2f}x{ours_rss / gib:9.2f}G{peer_rss / gib:9.2f}G"
+        print(f"{i:>5}{ours[0]:9.1f}{verified[0]:9.1f}{md5sum[0]:9.1f}{peer_t:9.1f}{parts:>24}"
+              f"{speeds[-1]:7.2f}x{verified_speeds[-1]:6.2f}x{floor_ratios[-1]:7.3f}x"
+              f"{ours_rss / gib:9.2f}G{peer_rss / gib:9.2f}G"
               f"{rss_ratios[-1]:9.3f}x")
     print(f"\nspeed, like for like (--no-verify; the peer verifies no checksums): worst {min(speeds):.2f}x, "
           f"median {statistics.median(speeds):.2f}x the peer (goal >= 3x)")
