@@ -44,6 +44,20 @@ def _leased_reader(path: Path) -> BlockReader:
     return r
 
 
+def _count_lends(monkeypatch) -> list[bool]:
+    """From now on, one entry per BlockReader.view call: whether it lent the range."""
+    lent: list[bool] = []
+    real = BlockReader.view
+
+    def counting(self, offset, n, **kw):
+        got = real(self, offset, n, **kw)
+        lent.append(got is not None)
+        return got
+
+    monkeypatch.setattr(BlockReader, "view", counting)
+    return lent
+
+
 def _other_process(code: str, *args: object) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)])
 
@@ -155,15 +169,7 @@ def test_a_reader_that_only_copies_takes_no_lease(tmp_path):
 def test_md5_hashes_lent_chunks_and_leaves_no_lease_behind(tmp_path, monkeypatch):
     path, data = _file(tmp_path, 2 * CHUNK + 12345, seed=5)
     leased = _leased_reader_possible(path)
-    lent: list[int] = []
-    real = BlockReader.view
-
-    def counting(self, offset, n):
-        got = real(self, offset, n)
-        lent.append(got is not None)
-        return got
-
-    monkeypatch.setattr(BlockReader, "view", counting)
+    lent = _count_lends(monkeypatch)
     assert md5_file(path) == hashlib.md5(data).hexdigest()
     if leased:
         assert lent == [True, True, True]  # three chunks, none copied
@@ -187,15 +193,7 @@ def test_a_failed_conversion_gives_every_lent_block_back(tmp_path, monkeypatch):
         sd = {n: ck.rows(n, 0, info.shape[0]) for n, info in ck.tensors.items()}
     sd["layers.2.feed_forward.w2.weight"][-1, 3] = np.nan
     save_state_dict(shard, sd, dtype="f16")
-    lent = []
-    real = BlockReader.view
-
-    def counting(self, offset, n):
-        got = real(self, offset, n)
-        lent.append(got is not None)
-        return got
-
-    monkeypatch.setattr(BlockReader, "view", counting)
+    lent = _count_lends(monkeypatch)
     with pytest.raises(CheckpointError, match="w2.weight"):
         convert(model, "q8_0", tmp_path / "out.gguf", verify=False)
     assert any(lent) or not _leased_reader_possible(shard)
