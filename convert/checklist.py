@@ -60,7 +60,7 @@ def md5_file(path: Path, progress: Callable[[int], object] | None = None,
              stop: Callable[[], bool] | None = None) -> str:
     """The file's md5 as hex, read once in CHUNK-sized pieces; `stop()` turning true between
     chunks ends it with Cancelled. Cached pieces are hashed where they lie in the page cache
-    (BlockReader.view: no copy), the others read past the cache, the next piece fetched while
+    (BlockReader.fetch: no copy), the others read past the cache, the next piece fetched while
     this one is hashed."""
     h = hashlib.md5(usedforsecurity=False)
     buffers = [aligned_empty(BlockReader.buffer_size(CHUNK)) for _ in range(2)]
@@ -69,11 +69,7 @@ def md5_file(path: Path, progress: Callable[[int], object] | None = None,
 
         def fetch(offset: int) -> tuple[int, np.ndarray, bool]:
             """(offset, the chunk there, whether it is lent by the reader rather than copied)"""
-            n = min(CHUNK, size - offset)
-            lent = reader.view(offset, n)
-            if lent is not None:
-                return offset, lent, True
-            return offset, reader.read(offset, n, buffers[offset // CHUNK % 2]), False
+            return offset, *reader.fetch(offset, min(CHUNK, size - offset), buffers[offset // CHUNK % 2])
 
         def give_back(fetched: Future[tuple[int, np.ndarray, bool]]) -> None:
             offset, chunk, lent = fetched.result()

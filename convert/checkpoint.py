@@ -640,32 +640,32 @@ class Checkpoint:
     def read_rows(self, name: str, start: int, stop: int | None, buf: np.ndarray) -> np.ndarray:
         """Rows [start, stop) in their stored dtype (bf16 as uint16), read into `buf` (from
         `direct_io.aligned_empty`, at least `read_size` bytes): a view of `buf`."""
-        t = self._info(name)
-        offset, count, n = self._span(t, start, stop)
-        reader = self._reader
-        if reader is None:
-            raise ValueError(f"{self.path}: checkpoint is closed")
-        try:
-            data = reader.read(offset, count * t.itemsize, buf)
-        except EOFError as e:
-            raise CheckpointError(f"{self.path} is truncated ({e}); download it again") from None
-        return data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
+        return self._rows(name, start, stop, buf, lend=False)[0]
 
-    def lend_rows(self, name: str, start: int, stop: int | None) -> np.ndarray | None:
+    def fetch_rows(self, name: str, start: int, stop: int | None, buf: np.ndarray) -> tuple[np.ndarray, bool]:
         """Rows [start, stop) as `read_rows` gives them, but lent from the page cache without a
-        copy (BlockReader.view) if they are all cached; None otherwise. Give them back with
-        `give_back(name, start, stop)`."""
-        t = self._info(name)
-        offset, count, n = self._span(t, start, stop)
-        reader = self._reader
-        data = reader.view(offset, count * t.itemsize) if reader is not None else None
-        return None if data is None else data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ())
+        copy where they are all cached (BlockReader.fetch). Returns (the rows, whether they are
+        lent: then `give_back(name, start, stop)` once done with them)."""
+        return self._rows(name, start, stop, buf, lend=True)
 
     def give_back(self, name: str, start: int, stop: int | None) -> None:
         t = self._info(name)
         offset, count, _ = self._span(t, start, stop)
         if self._reader is not None:
             self._reader.release(offset, count * t.itemsize)
+
+    def _rows(self, name: str, start: int, stop: int | None, buf: np.ndarray, lend: bool) -> tuple[np.ndarray, bool]:
+        t = self._info(name)
+        offset, count, n = self._span(t, start, stop)
+        reader = self._reader
+        if reader is None:
+            raise ValueError(f"{self.path}: checkpoint is closed")
+        try:
+            data, lent = (reader.fetch(offset, count * t.itemsize, buf) if lend
+                          else (reader.read(offset, count * t.itemsize, buf), False))
+        except EOFError as e:
+            raise CheckpointError(f"{self.path} is truncated ({e}); download it again") from None
+        return data.view(_stored(t.dtype)).reshape((n,) + t.shape[1:] if t.shape else ()), lent
 
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 copy of rows [start, stop) along dim 0 (a 2-D tensor's rows, a 1-D tensor's

@@ -318,7 +318,7 @@ class _Slot:
     """Buffers for one block in flight: its stored bytes as read, and its quantized bytes.
     A fixed set of slots is reused for the whole model, so memory is touched once. Parts of a
     block that are in the page cache are not copied into the slot but lent from there
-    (Checkpoint.lend_rows) until the block is quantized."""
+    (Checkpoint.fetch_rows) until the block is quantized."""
 
     def __init__(self) -> None:
         self.raw = aligned_empty(0)
@@ -327,27 +327,19 @@ class _Slot:
 
     def read(self, t: TensorPlan, shards: list[Checkpoint],
              slices: list[ShardSlice]) -> list[tuple[np.ndarray, bool]]:
-        parts: list[tuple[np.ndarray, bool]] = []
-        copied: list[tuple[int, ShardSlice]] = []  # the parts read into the slot: (index, slice)
-        for s in slices:
-            shard = shards[s.shard]
-            values = shard.lend_rows(t.meta_name, s.start, s.stop)
-            if values is None:
-                copied.append((len(parts), s))
-                values = np.empty(0, dtype=np.uint8)
-            else:
-                self._lent.append((shard, t.meta_name, s.start, s.stop))
-            parts.append((values, shard.tensors[t.meta_name].dtype_name == "bf16"))
-        sizes = [shards[s.shard].read_size(t.meta_name, s.start, s.stop) for _, s in copied]
+        sizes = [shards[s.shard].read_size(t.meta_name, s.start, s.stop) for s in slices]
         if self.raw.size < sum(sizes):
-            self.raw = aligned_empty(sum(sizes))
-        at = 0
-        for (i, s), size in zip(copied, sizes, strict=True):
-            values = shards[s.shard].read_rows(t.meta_name, s.start, s.stop, self.raw[at:at + size])
-            parts[i] = (values, parts[i][1])
+            self.raw = aligned_empty(sum(sizes))  # pages of it that lent parts leave alone stay untouched
+        parts, at = [], 0
+        for s, size in zip(slices, sizes, strict=True):
+            shard = shards[s.shard]
+            values, lent = shard.fetch_rows(t.meta_name, s.start, s.stop, self.raw[at:at + size])
+            if lent:
+                self._lent.append((shard, t.meta_name, s.start, s.stop))
+            parts.append((values.reshape(s.stop - s.start, -1) if values.ndim == 2 else values.reshape(1, -1),
+                          shard.tensors[t.meta_name].dtype_name == "bf16"))
             at += size  # sizes are whole pages, so every part starts aligned
-        return [(values.reshape(s.stop - s.start, -1) if values.ndim == 2 else values.reshape(1, -1), bf16)
-                for (values, bf16), s in zip(parts, slices, strict=True)]
+        return parts
 
     def give_back(self) -> None:
         """Return what was lent for the block (once it is quantized, or the conversion stopped)."""

@@ -156,10 +156,19 @@ class BlockReader:
         # taken on the first view(): a reader that only copies never makes a writer wait
         self._leased: bool | None = None if self._residency is not None and self._residency.mapped else False
 
-    def view(self, offset: int, nbytes: int) -> np.ndarray | None:
+    def fetch(self, offset: int, nbytes: int, buf: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The bytes [offset, offset + nbytes): lent where `view` can lend them, else read into
+        `buf` as `read` does, asking the page cache once for both. Returns (the bytes, whether
+        they are lent: then `release` them)."""
+        pages = self._residency.pages(offset, nbytes) if self._residency is not None else None
+        lent = self.view(offset, nbytes, pages=pages)
+        return (lent, True) if lent is not None else (self._read(offset, nbytes, buf, pages), False)
+
+    def view(self, offset: int, nbytes: int, *, pages: bytes | None = None) -> np.ndarray | None:
         """The file's bytes [offset, offset + nbytes), read-only, straight from the page cache,
         if all of them are cached and the file is leased; None otherwise. Give it back with
-        `release(offset, nbytes)` once done with it."""
+        `release(offset, nbytes)` once done with it. `pages`: the range's residency, if asked
+        already."""
         residency = self._residency
         if self._leased is False or residency is None or offset + nbytes > self._opened_size:
             return None
@@ -171,7 +180,7 @@ class BlockReader:
                     self._leased = False
             if not self._lease_holds():
                 return None
-            vec = residency.pages(offset, nbytes)
+            vec = pages if pages is not None else residency.pages(offset, nbytes)
             data = residency.view(offset, nbytes) if vec is not None and vec.count(0) == 0 else None
             if data is not None:
                 self._lent += 1
@@ -216,6 +225,9 @@ class BlockReader:
         return _round_up(nbytes) + ALIGN
 
     def read(self, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
+        return self._read(offset, nbytes, buf, None)
+
+    def _read(self, offset: int, nbytes: int, buf: np.ndarray, pages: bytes | None) -> np.ndarray:
         if self._direct_fd is None:
             self._fill(self._fd, buf, offset, offset, offset + nbytes, offset)
             _drop_cache(self._fd, offset, nbytes)
@@ -224,7 +236,7 @@ class BlockReader:
         # alignment) and direct reads (aligned) land in the same places and one range can mix both
         shift = offset % ALIGN
         base = offset - shift
-        for start, stop, cached in self._runs(offset, nbytes):
+        for start, stop, cached in self._runs(offset, nbytes, pages):
             if cached:
                 # in the page cache (a just-downloaded or recently read checkpoint): copied from
                 # there at memory speed, the cache left as the user had it
@@ -252,13 +264,14 @@ class BlockReader:
             raise EOFError(f"{self.path}: the file ends {stop - start - got} bytes short of {stop - asked} bytes "
                            f"at offset {asked}")
 
-    def _runs(self, offset: int, nbytes: int) -> list[tuple[int, int, bool]]:
+    def _runs(self, offset: int, nbytes: int, pages: bytes | None = None) -> list[tuple[int, int, bool]]:
         """[offset, offset + nbytes) cut into (start, stop, cached) runs of whole pages: the pages
         the page cache holds and those it does not (a warm file whose cache lost pages here and
-        there to reclaim is mostly the first kind). All of it uncached where the OS cannot tell."""
+        there to reclaim is mostly the first kind). All of it uncached where the OS cannot tell.
+        `pages`: the range's residency, if asked already."""
         end = offset + nbytes
         residency = self._residency
-        vec = residency.pages(offset, nbytes) if residency is not None else None
+        vec = pages if pages is not None else residency.pages(offset, nbytes) if residency is not None else None
         missing = vec.count(0) if vec is not None else 0
         if residency is None or vec is None or missing in (0, len(vec)):
             return [(offset, end, vec is not None and not missing)] if nbytes else []
